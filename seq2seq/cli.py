@@ -1,0 +1,141 @@
+"""Command-line entry points (``seq2seq-train``, ``seq2seq-translate``, ``seq2seq-evaluate``).
+
+Errors a user can fix are printed as one line (``error: ...``) with exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+from seq2seq.checkpoint import ModelDirError
+from seq2seq.config import ConfigError
+from seq2seq.data import DataError
+from seq2seq.runtime import DeviceError, set_threads
+from seq2seq.tokenizer import TokenizerError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+USER_ERRORS = (ConfigError, DataError, ModelDirError, DeviceError, TokenizerError)
+log = logging.getLogger("seq2seq")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# --- train -------------------------------------------------------------------------------------
+def train_main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from seq2seq.config import to_config
+    from seq2seq.train import TrainingError, train
+
+    if not CONF_DIR.is_dir():
+        fail(f"config directory {CONF_DIR} not found: install seq2seq from its repository with pip install -e .")
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+    def run(cfg) -> None:
+        try:
+            config = to_config(cfg)
+            summary = train(config, HydraConfig.get().runtime.output_dir)
+        except (*USER_ERRORS, TrainingError) as err:
+            fail(str(err))
+        except KeyboardInterrupt:
+            fail("interrupted; resume with trainer.resume=true and the same hydra.run.dir")
+        print(f"model directory: {summary['model_dir']}")
+
+    run()
+
+
+# --- translate ---------------------------------------------------------------------------------
+def add_search_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory written by training")
+    parser.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
+    parser.add_argument("--alpha", type=float, default=None, help="GNMT length penalty alpha")
+    parser.add_argument("--max-len-a", type=float, default=None, help="max output length = a * source length + b")
+    parser.add_argument("--max-len-b", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default 64)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+
+
+def load_translator(args: argparse.Namespace):
+    from seq2seq.translate import Translator
+
+    set_threads(args.threads)
+    for name in ("beam", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return Translator.from_dir(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
+                               max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size)
+
+
+def one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def translate_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="seq2seq-translate", description="Translate lines of text.")
+    add_search_args(parser)
+    parser.add_argument("--input", help="input file (default: standard input)")
+    parser.add_argument("--output", help="output file (default: standard output)")
+    parser.add_argument("--n-best", type=int, default=1,
+                        help="with N > 1, write N lines per input: index<TAB>score<TAB>translation")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.n_best < 1:
+        fail(f"--n-best must be at least 1, got {args.n_best}")
+    try:
+        translator = load_translator(args)
+        if args.n_best > translator.search_cfg.beam_size:
+            fail(f"--n-best {args.n_best} needs --beam of at least {args.n_best}")
+        if args.input:
+            if not Path(args.input).is_file():
+                fail(f"{args.input}: input file not found")
+            source = open(args.input, encoding="utf-8", errors="replace", newline="\n")
+        else:
+            source = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n")
+        sink = (open(args.output, "w", encoding="utf-8", newline="\n") if args.output
+                else io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", line_buffering=False))
+        with source, sink:
+            for index, nbest in enumerate(translator.translate_stream(source, n_best=args.n_best)):
+                if args.n_best == 1:
+                    sink.write(one_line(nbest[0].text) + "\n")
+                else:
+                    for hyp in nbest:
+                        sink.write(f"{index}\t{hyp.score:.4f}\t{one_line(hyp.text)}\n")
+    except USER_ERRORS as err:
+        fail(str(err))
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+def evaluate_main(argv: list[str] | None = None) -> None:
+    from seq2seq.evaluate import evaluate
+
+    parser = argparse.ArgumentParser(prog="seq2seq-evaluate",
+                                     description="Translate a test set and score it with sacreBLEU.")
+    add_search_args(parser)
+    parser.add_argument("--src", help="source file (with --ref)")
+    parser.add_argument("--ref", help="reference file (with --src)")
+    parser.add_argument("--split", help="a split of the model's data config, e.g. test (default: its test split)")
+    parser.add_argument("--data", help="a data config YAML to use instead of the model's (e.g. conf/data/multi30k.yaml)")
+    parser.add_argument("--out", help="directory for hypotheses and report.json (default: MODEL/eval-SPLIT)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if bool(args.src) != bool(args.ref):
+        fail("--src and --ref go together")
+    try:
+        translator = load_translator(args)
+        report = evaluate(translator, src=args.src, ref=args.ref, split=args.split, data_yaml=args.data,
+                          out_dir=args.out)
+    except USER_ERRORS as err:
+        fail(str(err))
+    print(report["bleu"]["text"])
+    print(report["chrf"]["text"])
+    print(f"report: {report['report_path']}")

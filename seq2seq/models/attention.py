@@ -1,0 +1,48 @@
+"""Attention over the encoder memory: additive (Bahdanau et al. 2015), dot and general (Luong et al. 2015).
+
+Keys are projected once per batch (``project_keys``) and passed in at every step; the modules keep
+no state between calls. Padding positions get a score of -inf and so a weight of exactly 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """scores [B, T, S], mask [B, S] (True = real) -> weights [B, T, S]."""
+    return torch.softmax(scores.masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
+
+
+class AdditiveAttention(nn.Module):
+    """score(q, m) = v . tanh(W_q q + W_k m)"""
+
+    def __init__(self, query_size: int, memory_size: int, attention_size: int):
+        super().__init__()
+        self.key_proj = nn.Linear(memory_size, attention_size, bias=False)
+        self.query_proj = nn.Linear(query_size, attention_size, bias=False)
+        self.energy = nn.Linear(attention_size, 1, bias=False)
+
+    def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.key_proj(memory)  # [B, S, A]
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor):
+        """query [B, T, Q] -> context [B, T, He], weights [B, T, S]."""
+        hidden = torch.tanh(self.query_proj(query)[:, :, None, :] + keys[:, None, :, :])  # [B, T, S, A]
+        weights = masked_softmax(self.energy(hidden).squeeze(-1), mask)
+        return torch.bmm(weights, memory), weights
+
+
+class MultiplicativeAttention(nn.Module):
+    """score(q, m) = q . m (dot) or q . W m (general)"""
+
+    def __init__(self, query_size: int, memory_size: int, general: bool):
+        super().__init__()
+        self.key_proj = nn.Linear(memory_size, query_size, bias=False) if general else None
+
+    def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.key_proj(memory) if self.key_proj is not None else memory  # [B, S, Q]
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor):
+        weights = masked_softmax(torch.bmm(query, keys.transpose(1, 2)), mask)  # [B, T, S]
+        return torch.bmm(weights, memory), weights

@@ -1,0 +1,166 @@
+"""The recurrent decoder. ``advance`` is its one step; training, greedy and beam search all use it.
+
+Conditioning modes (``ModelConfig.attention``):
+- ``none``: Cho et al. 2014. A fixed context vector (the encoder's final state) is fed to the RNN at
+  every step and to the output layer.
+- ``bahdanau``: additive attention whose query is the previous decoder state; the context is fed to
+  the RNN and the output layer.
+- ``luong_dot`` / ``luong_general``: the RNN steps first, then attends with its new state; the
+  attentional vector tanh(W [h; c]) predicts the word and, with input feeding, is fed to the next step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from seq2seq.config import ModelConfig
+from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
+from seq2seq.models.encoder import EncoderOutput, make_rnn
+
+
+@dataclass
+class DecoderState:
+    hidden: torch.Tensor  # [L, B, D]
+    cell: Optional[torch.Tensor] = None  # [L, B, D] (LSTM only)
+    feed: Optional[torch.Tensor] = None  # [B, D] previous attentional vector (Luong input feeding)
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        return replace(self, hidden=self.hidden.index_select(1, index),
+                       cell=None if self.cell is None else self.cell.index_select(1, index),
+                       feed=None if self.feed is None else self.feed.index_select(0, index))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        enc_size, dec_size, emb_size = cfg.enc_hidden_size, cfg.dec_hidden_size, cfg.emb_size
+        self.luong = cfg.attention.startswith("luong")
+        self.input_feeding = self.luong and cfg.input_feeding
+        self.embedding = nn.Embedding(vocab_size, emb_size, padding_idx=0)
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+        rnn_input = emb_size + (dec_size if self.input_feeding else 0) + (0 if self.luong else enc_size)
+        self.rnn = make_rnn(cfg.cell, rnn_input, dec_size, cfg.dec_layers, cfg.dropout)
+        if cfg.attention == "bahdanau":
+            self.attention = AdditiveAttention(dec_size, enc_size, cfg.attention_size)
+        elif self.luong:
+            self.attention = MultiplicativeAttention(dec_size, enc_size, general=cfg.attention == "luong_general")
+        else:
+            self.attention = None
+        # the attentional / pre-output vector: Luong tanh(W [h; c]); otherwise tanh(W [h; y; c])
+        pre_output_input = dec_size + enc_size + (0 if self.luong else emb_size)
+        self.pre_output = nn.Linear(pre_output_input, dec_size)
+        self.output = nn.Linear(dec_size, vocab_size)
+        if cfg.tie_embeddings:
+            self.output.weight = self.embedding.weight
+        if cfg.bridge == "learned":
+            self.bridge = nn.Linear(enc_size, dec_size)
+            self.bridge_cell = nn.Linear(enc_size, dec_size) if cfg.cell == "lstm" else None
+
+    # --- set-up, once per batch ---------------------------------------------------------------
+    def prepare(self, enc: EncoderOutput) -> EncoderOutput:
+        """Add what every step needs but only depends on the source: projected keys, context vector."""
+        keys = self.attention.project_keys(enc.memory) if self.attention is not None else None
+        context = enc.final[-1] if self.attention is None else None
+        return replace(enc, keys=keys, context=context)
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        layers, batch = self.cfg.dec_layers, enc.memory.size(0)
+        if self.cfg.bridge == "zeros":
+            hidden = enc.memory.new_zeros(layers, batch, self.cfg.dec_hidden_size)
+            cell = hidden.clone() if self.cfg.cell == "lstm" else None
+        elif self.cfg.bridge == "copy":
+            hidden, cell = self._copy_layers(enc.final), self._copy_layers(enc.final_cell)
+        else:
+            hidden = torch.tanh(self.bridge(enc.final[-1])).expand(layers, -1, -1).contiguous()
+            cell = None
+            if self.bridge_cell is not None:
+                cell = torch.tanh(self.bridge_cell(enc.final_cell[-1])).expand(layers, -1, -1).contiguous()
+        feed = enc.memory.new_zeros(batch, self.cfg.dec_hidden_size) if self.input_feeding else None
+        return DecoderState(hidden, cell, feed)
+
+    def _copy_layers(self, final: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Encoder layer i starts decoder layer i; with fewer encoder layers the top one is repeated."""
+        if final is None:
+            return None
+        layers = self.cfg.dec_layers
+        if final.size(0) >= layers:
+            return final[-layers:].contiguous()
+        pad = final[-1:].expand(layers - final.size(0), -1, -1)
+        return torch.cat([final, pad], dim=0).contiguous()
+
+    # --- the step -----------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.emb_dropout(self.embedding(tokens))
+
+    def project(self, pre_output: torch.Tensor) -> torch.Tensor:
+        """pre-output vectors [..., D] -> logits [..., V]"""
+        return self.output(self.dropout(pre_output))
+
+    def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
+        """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
+        hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
+        attn = None
+        if self.luong:
+            rnn_input = torch.cat([embedded, state.feed], dim=-1) if self.input_feeding else embedded
+        else:
+            if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
+                context, attn = self.attention(state.hidden[-1][:, None, :], enc.keys, enc.memory, enc.mask)
+                context = context[:, 0]
+            else:
+                context = enc.context
+            rnn_input = torch.cat([embedded, context], dim=-1)
+        output, new_hx = self.rnn(rnn_input[:, None, :], hx)  # output [B, 1, D]
+        hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
+        if self.luong:
+            context, attn = self.attention(output, enc.keys, enc.memory, enc.mask)
+            pre_output = torch.tanh(self.pre_output(torch.cat([output[:, 0], context[:, 0]], dim=-1)))
+        else:
+            pre_output = torch.tanh(self.pre_output(torch.cat([output[:, 0], embedded, context], dim=-1)))
+        feed = pre_output if self.input_feeding else None
+        return pre_output, DecoderState(hidden, cell, feed), None if attn is None else attn[:, 0]
+
+    def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
+        """prev_tokens [B] -> (logits [B, V], new state, attention [B, S] or None). Pure: writes nothing."""
+        pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc)
+        return self.project(pre_output), state, attn
+
+    # --- whole sequences (teacher forcing) --------------------------------------------------------
+    @property
+    def can_fuse(self) -> bool:
+        """RNN inputs do not depend on earlier outputs: the RNN can run over the sequence in one call."""
+        return self.attention is None or (self.luong and not self.input_feeding)
+
+    def forward(self, tgt_in: torch.Tensor, enc: EncoderOutput, state: Optional[DecoderState] = None,
+                fused: Optional[bool] = None, return_attention: bool = False):
+        """tgt_in [B, T] -> logits [B, T, V] (and attention [B, T, S] when asked; None without attention)."""
+        state = state if state is not None else self.init_state(enc)
+        embedded = self.embed(tgt_in)  # [B, T, E], all positions at once
+        fused = self.can_fuse if fused is None else fused
+        if fused and self.can_fuse:
+            pre_output, attn = self._fused(embedded, state, enc)
+        else:
+            outputs, attns = [], []
+            for t in range(tgt_in.size(1)):
+                out, state, a = self.advance(embedded[:, t], state, enc)
+                outputs.append(out)
+                attns.append(a)
+            pre_output = torch.stack(outputs, dim=1)  # [B, T, D]
+            attn = torch.stack(attns, dim=1) if attns[0] is not None else None
+        logits = self.project(pre_output)  # one matrix product over all positions
+        return (logits, attn) if return_attention else logits
+
+    def _fused(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
+        hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
+        if self.luong:
+            output, _ = self.rnn(embedded, hx)  # [B, T, D]
+            context, attn = self.attention(output, enc.keys, enc.memory, enc.mask)
+            return torch.tanh(self.pre_output(torch.cat([output, context], dim=-1))), attn
+        context = enc.context[:, None, :].expand(-1, embedded.size(1), -1)  # [B, T, He]
+        output, _ = self.rnn(torch.cat([embedded, context], dim=-1), hx)
+        return torch.tanh(self.pre_output(torch.cat([output, embedded, context], dim=-1))), None

@@ -1,0 +1,252 @@
+"""Decoding over the model's step contract: ``encode``, ``init_state``, ``step`` and ``select``.
+
+A model only has to re-index its encoder output and decoder state along the batch (``select``);
+search keeps all bookkeeping in its own local variables. Finished sentences leave the batch.
+
+Both searches honour the token constraints of :class:`SearchConfig` (see :func:`ban_tokens`):
+``min_len`` (EOS forbidden before that many tokens), ``no_repeat_ngram`` (no generated n-gram twice)
+and ``forbid_unk`` (never the unknown-word token). Banned tokens get a log-probability of -inf.
+
+Lengths count generated tokens including EOS. A hypothesis that reaches its maximum length
+(:func:`max_lengths`) without EOS is finished as it is: no EOS is forced and its score holds no EOS
+probability, the same in greedy and beam search.
+
+Beam search (:func:`beam_search`) runs all sentences and beams as one [B*K] batch. At each step it
+ranks the 2K best extensions of each sentence; those among the top K that end in EOS are finished,
+the K best that do not end in EOS stay live (so K = 1 is exactly greedy search). A sentence stops
+when it holds N = max(K, n_best) finished hypotheses and no live one can reach the N-th best of
+them, and a live one can only lose: its log-probability falls and its length penalty is at most
+that of the maximum length. The rule depends on the sentence alone, so results do not depend on
+which sentences share the batch, and they equal those of running every beam to its maximum length
+(up to exact ties).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from seq2seq.config import SearchConfig
+from seq2seq.tokenizer import BOS_ID, EOS_ID, UNK_ID
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without BOS and EOS
+    score: float  # sum of log-probabilities, EOS included (before any length penalty)
+    # [steps, src_len]: one row per generated token, EOS included (len(tokens) + 1 rows when the
+    # hypothesis ended with EOS, len(tokens) when it stopped at the maximum length)
+    attention: Optional[torch.Tensor] = None
+    normalized_score: Optional[float] = None  # score after the length penalty (beam search)
+
+
+def max_lengths(src_len: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
+    """Most output tokens (EOS included) per sentence: a * src_len + b, at least 1."""
+    return (src_len.float() * cfg.max_len_a + cfg.max_len_b).long().clamp(min=1)
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + length) / 6) ** alpha; the normalized score is score / penalty."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def has_constraints(cfg: SearchConfig) -> bool:
+    return cfg.min_len > 0 or cfg.no_repeat_ngram > 0 or cfg.forbid_unk
+
+
+def ban_tokens(log_probs: torch.Tensor, history: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
+    """Set banned tokens to -inf in place. log_probs [R, V]; history [R, t] tokens generated so far
+    (BOS excluded). Returns log_probs."""
+    if cfg.forbid_unk:
+        log_probs[:, UNK_ID] = NEG_INF
+    if history.size(1) < cfg.min_len:
+        log_probs[:, EOS_ID] = NEG_INF
+    n = cfg.no_repeat_ngram
+    if n > 0 and history.size(1) >= n:
+        ngrams = history.unfold(1, n, 1)  # [R, t - n + 1, n] every n-gram so far
+        suffix = history[:, history.size(1) - n + 1:]  # [R, n - 1] what a new n-gram would start with
+        match = (ngrams[:, :, : n - 1] == suffix[:, None, :]).all(-1)  # [R, t - n + 1]
+        rows, cols = match.nonzero(as_tuple=True)
+        log_probs[rows, ngrams[rows, cols, n - 1]] = NEG_INF
+    return log_probs
+
+
+@torch.no_grad()
+def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig,
+                  return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Pick the most probable allowed token at each step; one hypothesis per sentence."""
+    batch_size = src.size(0)
+    enc = model.encode(src, src_len)
+    state = model.init_state(enc)
+    limit = max_lengths(src_len, cfg)
+    active = torch.arange(batch_size, device=src.device)  # original positions of the live sentences
+    prev = torch.full((batch_size,), BOS_ID, dtype=torch.long, device=src.device)
+    tokens: list[list[int]] = [[] for _ in range(batch_size)]
+    scores = [0.0] * batch_size
+    attns: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+    step = 0
+    while active.numel():
+        logits, state, attn = model.step(prev, state, enc)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        if has_constraints(cfg):  # every live sentence has generated exactly `step` tokens
+            history = torch.tensor([tokens[s] for s in active.tolist()], dtype=torch.long, device=src.device)
+            log_probs = ban_tokens(log_probs, history.view(active.numel(), step), cfg)
+        best_score, best = log_probs.max(dim=-1)
+        step += 1
+        finished = (best == EOS_ID) | (limit[active] <= step)
+        for row, (sentence, token, score) in enumerate(zip(active.tolist(), best.tolist(), best_score.tolist())):
+            scores[sentence] += score
+            if return_attention and attn is not None:
+                attns[sentence].append(attn[row, : int(src_len[sentence])].cpu())
+            if token != EOS_ID:
+                tokens[sentence].append(token)
+        if finished.any():
+            keep = (~finished).nonzero().squeeze(1)
+            active, best = active[keep], best[keep]
+            enc, state = enc.select(keep), state.select(keep)
+        prev = best
+    return [[Hypothesis(tokens[i], scores[i], torch.stack(attns[i]) if attns[i] else None)] for i in range(batch_size)]
+
+
+# --- beam search -------------------------------------------------------------------------------
+def _add_finished(found: list[Hypothesis], hyp: Hypothesis, keep: int) -> None:
+    """Insert into a sentence's finished list, kept sorted best first and cut to ``keep``."""
+    found.append(hyp)
+    found.sort(key=lambda h: (-h.normalized_score, -h.score, h.tokens))
+    del found[keep:]
+
+
+def _make_hypothesis(tokens: list[int], score: float, steps: int, attention: Optional[torch.Tensor],
+                     src_len: int, alpha: float) -> Hypothesis:
+    """tokens without EOS; steps = generated tokens, EOS included; attention [steps, S] or None."""
+    attention = None if attention is None else attention[:, :src_len].cpu()
+    return Hypothesis(tokens, score, attention, score / length_penalty(steps, alpha))
+
+
+def _top_candidates(scores: torch.Tensor, log_probs: torch.Tensor, k: int):
+    """scores [b, K], log_probs [b*K, V] -> the 2K best extensions per sentence, best first:
+    (scores [b, 2K], parent beams [b, 2K], tokens [b, 2K])."""
+    vocab = log_probs.size(-1)
+    total = (scores.unsqueeze(2) + log_probs.view(scores.size(0), k, vocab)).view(scores.size(0), k * vocab)
+    cand_scores, index = total.topk(min(2 * k, k * vocab), dim=1)
+    return cand_scores, torch.div(index, vocab, rounding_mode="floor"), index % vocab
+
+
+def _live_positions(cand_tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions [b, K] of the K best candidates that do not end in EOS (each parent gives at most one
+    EOS candidate, so there are always K), in candidate order."""
+    width = cand_tokens.size(1)
+    key = (cand_tokens == EOS_ID).long() * width + torch.arange(width, device=cand_tokens.device)
+    return key.topk(k, dim=1, largest=False).indices
+
+
+@torch.no_grad()
+def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig, n_best: int = 1,
+                return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Batched beam search of width K = cfg.beam_size with the GNMT length penalty cfg.alpha.
+
+    Returns, per sentence, its min(n_best, found) (at least 1) best hypotheses by normalized score.
+    """
+    if n_best < 1:
+        raise ValueError(f"n_best={n_best} must be at least 1")
+    batch, k, device = src.size(0), cfg.beam_size, src.device
+    keep = max(k, n_best)  # finished hypotheses kept per sentence; the stopping rule waits for this many
+    enc = model.encode(src, src_len)
+    beams = torch.arange(batch, device=device).repeat_interleave(k)  # [B*K] sentence of each row
+    enc, state = enc.select(beams), model.init_state(enc).select(beams)
+    limits, lengths = max_lengths(src_len, cfg).tolist(), src_len.tolist()
+    active = list(range(batch))  # original sentence of each of the b live sentences
+    scores = torch.full((batch, k), NEG_INF, device=device)  # [b, K] raw beam scores
+    scores[:, 0] = 0.0  # only beam 0 is live at first, so no hypothesis is found twice
+    history = torch.zeros(batch, k, 0, dtype=torch.long, device=device)  # [b, K, t] tokens so far
+    attn_history: Optional[torch.Tensor] = None  # [b, K, t, S] when attention is returned
+    prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)  # [b*K]
+    found: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    t = 0
+    while active:
+        logits, state, attn = model.step(prev, state, enc)  # logits [b*K, V], attn [b*K, S] or None
+        b = len(active)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        if has_constraints(cfg):
+            log_probs = ban_tokens(log_probs, history.view(b * k, t), cfg)
+        t += 1
+        if return_attention and attn is not None:  # still indexed by parent beam: [b, K, t, S]
+            step_attn = attn.float().view(b, k, 1, -1)
+            attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 2)
+        cand_scores, cand_beams, cand_tokens = _top_candidates(scores, log_probs, k)  # each [b, 2K]
+
+        # finish the EOS candidates among the top K
+        eos = (cand_tokens[:, :k] == EOS_ID) & (cand_scores[:, :k] > NEG_INF)  # [b, K]
+        rows, cols = eos.nonzero(as_tuple=True)
+        if rows.numel():
+            parents = cand_beams[rows, cols]
+            eos_tokens = history[rows, parents].tolist()  # [n, t - 1]
+            eos_attn = attn_history[rows, parents] if attn_history is not None else None  # [n, t, S]
+            for i, (row, score) in enumerate(zip(rows.tolist(), cand_scores[rows, cols].tolist())):
+                sentence = active[row]
+                hyp = _make_hypothesis(eos_tokens[i], score, t, None if eos_attn is None else eos_attn[i],
+                                       lengths[sentence], cfg.alpha)
+                _add_finished(found[sentence], hyp, keep)
+
+        # the K best non-EOS candidates continue
+        live = _live_positions(cand_tokens, k)  # [b, K]
+        scores, parents, tokens = cand_scores.gather(1, live), cand_beams.gather(1, live), cand_tokens.gather(1, live)
+        rows_flat = (torch.arange(b, device=device)[:, None] * k + parents).view(-1)  # [b*K] parent rows
+        history = torch.cat([history.view(b * k, t - 1)[rows_flat].view(b, k, t - 1), tokens.unsqueeze(2)], 2)
+        if attn_history is not None:
+            attn_history = attn_history.view(b * k, t, -1)[rows_flat].view(b, k, t, -1)
+
+        done = _finish_sentences(active, found, scores, history, attn_history, limits, lengths, t, cfg.alpha, keep)
+        if all(done):
+            break
+        kept = torch.tensor([row for row in range(b) if not done[row]], dtype=torch.long, device=device)
+        if kept.numel() < b:  # finished sentences leave the batch
+            rows_beams = (kept[:, None] * k + torch.arange(k, device=device)).view(-1)  # [b'*K]
+            enc, rows_flat = enc.select(rows_beams), rows_flat.view(b, k)[kept].view(-1)
+            scores, tokens, history = scores[kept], tokens[kept], history[kept]
+            attn_history = attn_history[kept] if attn_history is not None else None
+            active = [active[row] for row in kept.tolist()]
+        state = state.select(rows_flat)
+        prev = tokens.reshape(-1)
+    return [hyps[:n_best] for hyps in found]
+
+
+def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: torch.Tensor,
+                      history: torch.Tensor, attn_history: Optional[torch.Tensor], limits: list[int],
+                      lengths: list[int], t: int, alpha: float, keep: int) -> list[bool]:
+    """Decide which sentences stop after step t; those at their maximum length finish their live beams
+    as they are. scores [b, K] (best first), history [b, K, t], attn_history [b, K, t, S] or None."""
+    best_live = scores[:, 0].tolist()
+    done = []
+    for row, sentence in enumerate(active):
+        hyps = found[sentence]
+        if t >= limits[sentence]:
+            for beam, score in enumerate(scores[row].tolist()):
+                if score > NEG_INF or (beam == 0 and not hyps):  # always at least one hypothesis
+                    attention = attn_history[row, beam] if attn_history is not None else None
+                    hyp = _make_hypothesis(history[row, beam].tolist(), score, t, attention, lengths[sentence], alpha)
+                    _add_finished(hyps, hyp, keep)
+            done.append(True)
+            continue
+        # the best normalized score any live hypothesis could still reach
+        bound = best_live[row] / length_penalty(limits[sentence], alpha)
+        worst = hyps[keep - 1].normalized_score if len(hyps) >= keep else NEG_INF
+        stop = bound <= worst
+        if stop and not hyps:  # every beam is dead (all tokens banned): keep the best one as it is
+            attention = attn_history[row, 0] if attn_history is not None else None
+            hyps.append(_make_hypothesis(history[row, 0].tolist(), best_live[row], t, attention, lengths[sentence],
+                                         alpha))
+        done.append(stop)
+    return done
+
+
+@torch.no_grad()
+def search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig, n_best: int = 1,
+           return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Decode a batch: greedy for beam size 1, else beam search. Returns n-best lists, best first."""
+    if cfg.beam_size == 1:
+        return greedy_search(model, src, src_len, cfg, return_attention)
+    return beam_search(model, src, src_len, cfg, n_best=n_best, return_attention=return_attention)

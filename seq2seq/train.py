@@ -1,0 +1,285 @@
+"""The training loop: ``train(cfg, run_dir)`` needs no Hydra.
+
+The run directory ends up holding
+    model/              the best model by validation BLEU (a self-contained model directory)
+    tokenizer/          the sentencepiece model(s), written before the first step
+    checkpoint.pt       everything needed to resume exactly (tensors and plain values only)
+    validations.jsonl   one line per validation
+    summary.json        final figures, test BLEU included
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from seq2seq.batch import make_batch, token_batches
+from seq2seq.checkpoint import Bundle, atomic_torch_save, atomic_write_bytes, load_bundle, save_bundle
+from seq2seq.config import Config
+from seq2seq.data import DataError, filter_by_length, load_split
+from seq2seq.metrics import bleu, chrf
+from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
+from seq2seq.runtime import resolve_device, set_seed, set_threads
+from seq2seq.tokenizer import Tokenizer, train_tokenizers
+from seq2seq.translate import Translator
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example: a resume was asked for but there is no checkpoint)."""
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries so a resumed run continues exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_validations: int = 0  # validations since BLEU last improved
+    elapsed: float = 0.0  # training seconds before this process started
+    history: list = field(default_factory=list)
+
+
+# --- set-up ----------------------------------------------------------------------------------
+def prepare_tokenizers(cfg: Config, train_pairs, run_dir: Path) -> tuple[Tokenizer, Tokenizer]:
+    """Train sentencepiece on the training split, or reuse the run's own when resuming."""
+    tok_dir = run_dir / "tokenizer"
+    if (tok_dir / "spm.model").is_file():
+        joint = Tokenizer.load(tok_dir / "spm.model")
+        return joint, joint
+    if (tok_dir / "src.spm.model").is_file():
+        return Tokenizer.load(tok_dir / "src.spm.model"), Tokenizer.load(tok_dir / "tgt.spm.model")
+    src_tok, tgt_tok = train_tokenizers(train_pairs, cfg.data.tokenizer)
+    if src_tok is tgt_tok:
+        atomic_write_bytes(tok_dir / "spm.model", src_tok.model_proto)
+    else:
+        atomic_write_bytes(tok_dir / "src.spm.model", src_tok.model_proto)
+        atomic_write_bytes(tok_dir / "tgt.spm.model", tgt_tok.model_proto)
+    return src_tok, tgt_tok
+
+
+def encode_pairs(pairs, src_tok: Tokenizer, tgt_tok: Tokenizer, max_len: int):
+    src_ids = src_tok.encode([s for s, _ in pairs])
+    tgt_ids = tgt_tok.encode([t for _, t in pairs])
+    keep = filter_by_length(src_ids, tgt_ids, max_len)
+    return [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config):
+    t = cfg.trainer
+    optimizer_class = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    if t.scheduler == "warmup":
+        def warmup_then_inverse_sqrt(step: int) -> float:
+            step = max(step, 1)
+            return min(step / t.warmup_steps, math.sqrt(t.warmup_steps / step)) if t.warmup_steps else 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_inverse_sqrt)
+    elif t.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr)
+    else:
+        scheduler = None
+    return optimizer, scheduler
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "progress": {k: v for k, v in vars(progress).items() if k != "history"},
+        "history": json.dumps(progress.history),
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_python": json.dumps(random.getstate()),
+    }
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> Progress:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except Exception as err:  # a damaged file surfaces as many different torch errors
+        raise TrainingError(f"{path}: cannot resume from this checkpoint ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    version, internal, gauss = json.loads(state["rng_python"])
+    random.setstate((version, tuple(internal), gauss))
+    return Progress(**state["progress"], history=json.loads(state["history"]))
+
+
+# --- validation --------------------------------------------------------------------------------
+@torch.no_grad()
+def validation_loss(model, src_ids, tgt_ids, batch_tokens: int, device) -> tuple[float, int]:
+    model.eval()
+    total, tokens = 0.0, 0
+    for group in token_batches([len(s) for s in src_ids], [len(t) for t in tgt_ids], batch_tokens, 0, 0):
+        batch = make_batch([src_ids[i] for i in group], [tgt_ids[i] for i in group]).to(device)
+        logits = model(batch.src, batch.src_len, batch.tgt_in)
+        total += sequence_loss(logits, batch.tgt_out).item()
+        tokens += batch.num_tgt_tokens
+    return total, tokens
+
+
+def translate_pairs(bundle: Bundle, pairs, device: str, batch_size: int) -> list[str]:
+    search_cfg = replace(bundle.config.search, beam_size=1, batch_size=batch_size)
+    translator = Translator(bundle, search_cfg, device=device)
+    return [nbest[0].text for nbest in translator.translate([s for s, _ in pairs])]
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def train(cfg: Config, run_dir: str | Path) -> dict:
+    """Train a model as ``cfg`` says; writes into ``run_dir`` and returns the summary."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.trainer
+    checkpoint_path = run_dir / "checkpoint.pt"
+    resuming = checkpoint_path.is_file()
+    if t.resume and not resuming:
+        raise TrainingError(f"trainer.resume=true but {checkpoint_path} does not exist; "
+                            "point hydra.run.dir at the run to resume")
+    device = resolve_device(t.device)
+    set_threads(t.threads)
+    set_seed(t.seed)
+
+    train_pairs = load_split(cfg.data, cfg.data.train_split)
+    valid_pairs = load_split(cfg.data, cfg.data.valid_split)
+    if cfg.data.valid_max_sentences:
+        valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
+    src_tok, tgt_tok = prepare_tokenizers(cfg, train_pairs, run_dir)
+    train_src, train_tgt = encode_pairs(train_pairs, src_tok, tgt_tok, cfg.data.max_len)
+    if not train_src:
+        raise DataError(f"no training pair is within data.max_len={cfg.data.max_len} pieces")
+    valid_src, valid_tgt = encode_pairs(valid_pairs, src_tok, tgt_tok, 10**9)
+    log.info("training pairs: %d kept of %d (max %d pieces); validation pairs: %d", len(train_src),
+             len(train_pairs), cfg.data.max_len, len(valid_pairs))
+
+    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).to(device)
+    log.info("model: %s, %.2fM parameters", cfg.model.attention, sum(p.numel() for p in model.parameters()) / 1e6)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    progress = Progress()
+    if resuming:
+        progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_path, progress.step,
+                 progress.epoch, progress.batch_in_epoch)
+    bundle = Bundle(model, cfg, src_tok, tgt_tok)
+    src_lens, tgt_lens = [len(s) for s in train_src], [len(x) for x in train_tgt]
+    start_time = time.monotonic() - progress.elapsed
+
+    def out_of_budget() -> bool:
+        return bool((t.max_steps and progress.step >= t.max_steps)
+                    or (t.max_epochs and progress.epoch >= t.max_epochs)
+                    or (t.max_minutes and time.monotonic() - start_time >= t.max_minutes * 60))
+
+    def validate() -> bool:
+        """Score the validation split, keep the best model, checkpoint; True when patience runs out."""
+        loss, tokens = validation_loss(model, valid_src, valid_tgt, t.batch_tokens, device)
+        hyps = translate_pairs(bundle, valid_pairs, str(device), cfg.search.batch_size)
+        score = bleu(hyps, [r for _, r in valid_pairs])
+        model.train()
+        record = {"step": progress.step, "epoch": progress.epoch, "valid_loss": loss / max(tokens, 1),
+                  "valid_ppl": math.exp(min(loss / max(tokens, 1), 50)), "valid_bleu": score.score,
+                  "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.monotonic() - start_time}
+        improved = score.score > progress.best_bleu
+        if improved:
+            progress.best_bleu, progress.best_step, progress.bad_validations = score.score, progress.step, 0
+            save_bundle(run_dir / "model", model, cfg, src_tok, tgt_tok,
+                        extra={"step": progress.step, "valid_bleu": round(score.score, 2)})
+        else:
+            progress.bad_validations += 1
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(score.score)
+        progress.history.append(record)
+        with open(run_dir / "validations.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(f"step {progress.step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f} "
+                   f"BLEU {score.score:.2f}{' (best)' if improved else ''}")
+        progress.elapsed = time.monotonic() - start_time
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress)
+        return bool(t.patience and progress.bad_validations >= t.patience)
+
+    model.train()
+    total = t.max_steps or None
+    # the bar is drawn on terminals only; elsewhere (logs, CI) the same figures go to the log
+    bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=None)
+    window_tokens, window_start, stop = 0, time.monotonic(), False
+    while not stop and not out_of_budget():
+        batches = token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch)
+        for group in batches[progress.batch_in_epoch:]:
+            batch = make_batch([train_src[i] for i in group], [train_tgt[i] for i in group]).to(device)
+            logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=t.teacher_forcing)
+            loss = sequence_loss(logits, batch.tgt_out, t.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            (loss / batch.num_tgt_tokens).backward()
+            if t.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            optimizer.step()
+            if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step()
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            window_tokens += batch.num_tgt_tokens
+            bar.update(1)
+            if progress.step % t.log_every == 0:
+                now = time.monotonic()
+                figures = dict(loss=f"{loss.item() / batch.num_tgt_tokens:.3f}", epoch=progress.epoch,
+                               tok_s=f"{window_tokens / max(now - window_start, 1e-9):.0f}",
+                               lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(figures)
+                if bar.disable:
+                    log.info("step %d: %s", progress.step, " ".join(f"{k}={v}" for k, v in figures.items()))
+                window_tokens, window_start = 0, now
+            if progress.step % t.valid_every == 0:
+                stop = validate()
+            if stop or out_of_budget():
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    if not progress.history or progress.history[-1]["step"] != progress.step:
+        validate()
+    summary = {"steps": progress.step, "epochs": progress.epoch, "best_valid_bleu": progress.best_bleu,
+               "best_step": progress.best_step, "train_minutes": (time.monotonic() - start_time) / 60,
+               "model_dir": str(run_dir / "model")}
+    if t.test_after:
+        summary.update(test_model(run_dir / "model", cfg, str(device), run_dir))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def test_model(model_dir: Path, cfg: Config, device: str, run_dir: Path) -> dict:
+    """Translate the test split with the best model and score it."""
+    try:
+        test_pairs = load_split(cfg.data, cfg.data.test_split)
+    except DataError as err:
+        log.warning("no test split scored: %s", err)
+        return {}
+    bundle = load_bundle(model_dir)
+    hyps = translate_pairs(bundle, test_pairs, device, cfg.search.batch_size)
+    refs = [r for _, r in test_pairs]
+    (run_dir / "test.hyp.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    test_bleu, test_chrf = bleu(hyps, refs), chrf(hyps, refs)
+    print(f"test ({cfg.data.test_split}, greedy): {test_bleu.text}")
+    print(f"test ({cfg.data.test_split}, greedy): {test_chrf.text}")
+    return {"test_bleu": test_bleu.to_dict(), "test_chrf": test_chrf.to_dict()}

@@ -1,0 +1,84 @@
+"""Model directories: round trip, atomic replacement, and clear errors for damaged ones."""
+import pytest
+import torch
+import yaml
+
+from seq2seq.checkpoint import ModelDirError, load_bundle, save_bundle
+from seq2seq.corpus import generate_splits
+from seq2seq.models.seq2seq import Seq2Seq
+from seq2seq.tokenizer import train_tokenizers
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cfg = tiny_config(model=dict(tie_embeddings=False))
+    src_tok, tgt_tok = train_tokenizers(generate_splits(300, 5, 5)["train"], cfg.data.tokenizer)
+    torch.manual_seed(0)
+    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).eval()
+    directory = tmp_path_factory.mktemp("bundle") / "model"
+    save_bundle(directory, model, cfg, src_tok, tgt_tok)
+    return directory, model, cfg, src_tok, tgt_tok
+
+
+def test_round_trip_gives_the_same_model(saved):
+    directory, model, cfg, src_tok, _ = saved
+    bundle = load_bundle(directory)
+    assert bundle.config == cfg
+    src = torch.tensor([src_tok.encode(["The dog sees a cat."])[0]])
+    tgt = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(src, torch.tensor([src.size(1)]), tgt),
+                           bundle.model(src, torch.tensor([src.size(1)]), tgt))
+    assert sorted(p.name for p in directory.iterdir()) == ["config.yaml", "model.safetensors", "spm.model"]
+
+
+def test_tied_weights_survive_safetensors(tmp_path):
+    cfg = tiny_config(model=dict(tie_embeddings=True, share_embeddings=True))
+    src_tok, tgt_tok = train_tokenizers(generate_splits(300, 5, 5)["train"], cfg.data.tokenizer)
+    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok))
+    save_bundle(tmp_path / "m", model, cfg, src_tok, tgt_tok)
+    loaded = load_bundle(tmp_path / "m").model
+    assert loaded.decoder.output.weight is loaded.decoder.embedding.weight
+    assert torch.equal(loaded.decoder.embedding.weight, model.decoder.embedding.weight)
+
+
+def test_saving_again_replaces_the_directory_whole(saved, tmp_path):
+    directory, model, cfg, src_tok, tgt_tok = saved
+    target = tmp_path / "model"
+    save_bundle(target, model, cfg, src_tok, tgt_tok)
+    save_bundle(target, model, cfg, src_tok, tgt_tok, extra={"step": 7})
+    assert yaml.safe_load((target / "config.yaml").read_text())["step"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or backup left behind
+
+
+def copy_dir(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "damaged"),
+    (lambda d: (d / "config.yaml").unlink(), "config.yaml: missing"),
+    (lambda d: (d / "spm.model").write_bytes(b"garbage"), "not a valid sentencepiece model"),
+    (lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("format_version: 1",
+                                                                                       "format_version: 99")),
+     "format version 99"),
+    (lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("emb_size: 32",
+                                                                                       "emb_size: 48")),
+     "does not match config.yaml"),
+])
+def test_damaged_directory_is_one_clear_error(saved, tmp_path, damage, message):
+    directory = copy_dir(saved[0], tmp_path / "model")
+    damage(directory)
+    with pytest.raises(ModelDirError) as err:
+        load_bundle(directory)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ModelDirError, match="model directory not found"):
+        load_bundle(tmp_path / "nope")

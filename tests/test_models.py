@@ -1,0 +1,153 @@
+"""Model behaviour: overfitting, forward == step loop, masks, packing, bridges."""
+import itertools
+
+import pytest
+import torch
+
+from seq2seq.batch import make_batch
+from seq2seq.config import SearchConfig
+from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
+from seq2seq.search import greedy_search
+from tests.conftest import tiny_model_config
+
+CELLS = ("rnn", "gru", "lstm")
+MODES = ("none", "bahdanau", "luong_dot", "luong_general")
+
+
+def random_batch(vocab: int, lengths, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    src = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+    tgt = [torch.randint(4, vocab, (n + 1,), generator=g).tolist() for n in lengths]
+    return make_batch(src, tgt), src, tgt
+
+
+@pytest.mark.parametrize("cell,attention", list(itertools.product(CELLS, MODES)))
+def test_tiny_model_overfits_a_few_pairs_exactly(cell, attention):
+    torch.manual_seed(0)
+    cfg = tiny_model_config(cell=cell, attention=attention, emb_size=32, enc_hidden_size=32, dec_hidden_size=32)
+    model = Seq2Seq(cfg, 14, 14)
+    batch, src, tgt = random_batch(14, [3, 5, 4, 6], seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(300):
+        loss = sequence_loss(model(batch.src, batch.src_len, batch.tgt_in), batch.tgt_out) / batch.num_tgt_tokens
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    hyps = greedy_search(model, batch.src, batch.src_len, SearchConfig(max_len_a=2, max_len_b=3))
+    assert [h[0].tokens for h in hyps] == tgt
+
+
+@pytest.mark.parametrize("cell,attention,feeding", [
+    (c, m, f) for c in CELLS for m in MODES for f in ((True, False) if m.startswith("luong") else (True,))])
+def test_teacher_forced_forward_equals_step_loop(cell, attention, feeding):
+    torch.manual_seed(1)
+    cfg = tiny_model_config(cell=cell, attention=attention, input_feeding=feeding, dec_layers=2, enc_layers=2)
+    model = Seq2Seq(cfg, 20, 20).eval()
+    batch, _, _ = random_batch(20, [4, 7, 2], seed=2)
+    with torch.no_grad():
+        enc = model.encode(batch.src, batch.src_len)
+        forward_logits, forward_attn = model.decoder(batch.tgt_in, enc, return_attention=True)
+        state, step_logits, step_attn = model.init_state(enc), [], []
+        for t in range(batch.tgt_in.size(1)):
+            logits, state, attn = model.step(batch.tgt_in[:, t], state, enc)
+            step_logits.append(logits)
+            step_attn.append(attn)
+    assert torch.allclose(forward_logits, torch.stack(step_logits, 1), atol=1e-5)
+    if attention != "none":
+        assert torch.allclose(forward_attn, torch.stack(step_attn, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["none", "luong_dot", "luong_general"])
+def test_fused_decoder_equals_loop(attention):
+    torch.manual_seed(2)
+    model = Seq2Seq(tiny_model_config(cell="lstm", attention=attention, input_feeding=False, dec_layers=2), 20, 20)
+    model.eval()
+    assert model.decoder.can_fuse
+    batch, _, _ = random_batch(20, [5, 3, 8], seed=3)
+    with torch.no_grad():
+        fused = model(batch.src, batch.src_len, batch.tgt_in, fused=True)
+        looped = model(batch.src, batch.src_len, batch.tgt_in, fused=False)
+    assert torch.allclose(fused, looped, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
+def test_padding_gets_no_attention_and_changes_nothing(attention):
+    torch.manual_seed(3)
+    model = Seq2Seq(tiny_model_config(attention=attention), 20, 20).eval()
+    short = [5, 6, 7]
+    alone = make_batch([short], [[8, 9]])
+    padded = make_batch([short, [4, 5, 6, 7, 8, 9, 10, 11]], [[8, 9], [8, 9]])
+    with torch.no_grad():
+        logits_alone, attn_alone = model.decoder(alone.tgt_in, model.encode(alone.src, alone.src_len),
+                                                 return_attention=True)
+        logits_pad, attn_pad = model.decoder(padded.tgt_in, model.encode(padded.src, padded.src_len),
+                                             return_attention=True)
+    assert torch.all(attn_pad[0, :, len(short):] == 0)
+    assert torch.allclose(logits_alone[0], logits_pad[0], atol=1e-5)
+    assert torch.allclose(attn_alone[0], attn_pad[0, :, : len(short)], atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_packed_batch_equals_unpadded_single_sentences(cell):
+    torch.manual_seed(4)
+    model = Seq2Seq(tiny_model_config(cell=cell, enc_layers=2), 20, 20).eval()
+    batch, src, _ = random_batch(20, [6, 2, 4], seed=4)
+    with torch.no_grad():
+        packed = model.encoder(batch.src, batch.src_len, packed=True)
+        for i, seq in enumerate(src):
+            single = model.encoder(torch.tensor([seq]), torch.tensor([len(seq)]), packed=False)
+            assert torch.allclose(packed.memory[i, : len(seq)], single.memory[0], atol=1e-5)
+            assert torch.all(packed.memory[i, len(seq):] == 0)
+            assert torch.allclose(packed.final[:, i], single.final[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("bridge,enc_layers,dec_layers", [
+    ("learned", 1, 2), ("copy", 2, 2), ("copy", 1, 3), ("copy", 3, 2), ("zeros", 1, 1)])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_bridges_build_the_decoder_state(bridge, enc_layers, dec_layers, cell):
+    torch.manual_seed(5)
+    model = Seq2Seq(tiny_model_config(cell=cell, bridge=bridge, enc_layers=enc_layers, dec_layers=dec_layers), 20, 20)
+    batch, _, _ = random_batch(20, [3, 5], seed=5)
+    enc = model.encode(batch.src, batch.src_len)
+    state = model.init_state(enc)
+    assert state.hidden.shape == (dec_layers, 2, 16)
+    assert (state.cell is not None) == (cell == "lstm")
+    if bridge == "zeros":
+        assert torch.all(state.hidden == 0)
+    if bridge == "copy" and enc_layers >= dec_layers:
+        assert torch.equal(state.hidden, enc.final[-dec_layers:])
+    elif bridge == "copy":
+        assert torch.equal(state.hidden[:enc_layers], enc.final)
+        assert all(torch.equal(state.hidden[i], enc.final[-1]) for i in range(enc_layers, dec_layers))
+
+
+def test_tied_and_shared_embeddings_are_one_parameter():
+    model = Seq2Seq(tiny_model_config(tie_embeddings=True, share_embeddings=True), 20, 20)
+    assert model.decoder.output.weight is model.decoder.embedding.weight
+    assert model.encoder.embedding is model.decoder.embedding
+
+
+def test_scheduled_sampling_trains():
+    torch.manual_seed(6)
+    model = Seq2Seq(tiny_model_config(), 20, 20)
+    batch, _, _ = random_batch(20, [3, 4], seed=6)
+    logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=0.5)
+    assert logits.shape == (2, batch.tgt_in.size(1), 20)
+    sequence_loss(logits, batch.tgt_out).backward()
+    assert model.decoder.embedding.weight.grad is not None
+
+
+def test_dropout_active_only_in_training():
+    torch.manual_seed(7)
+    model = Seq2Seq(tiny_model_config(dropout=0.5, emb_dropout=0.5), 20, 20)
+    batch, _, _ = random_batch(20, [4, 4], seed=7)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batch.src, batch.src_len, batch.tgt_in), model(batch.src, batch.src_len, batch.tgt_in))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(batch.src, batch.src_len, batch.tgt_in),
+                               model(batch.src, batch.src_len, batch.tgt_in))

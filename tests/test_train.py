@@ -1,0 +1,44 @@
+"""The training loop: it learns, keeps the best model, and a resumed run equals an uninterrupted one."""
+import json
+
+import pytest
+import torch
+
+from seq2seq.checkpoint import load_bundle
+from seq2seq.train import TrainingError, train
+from tests.conftest import tiny_config
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    trainer = dict(max_steps=12, valid_every=5, batch_tokens=1500)
+    summary = train(tiny_config(trainer=trainer), tmp_path / "straight")
+    assert summary["steps"] == 12 and summary["epochs"] >= 1  # crosses an epoch boundary
+    train(tiny_config(trainer=dict(trainer, max_steps=5)), tmp_path / "stopped")
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["steps"] == 5
+    resumed = train(tiny_config(trainer=dict(trainer, resume=True)), tmp_path / "stopped")
+    assert resumed["steps"] == 12
+    straight, stopped = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert straight.keys() == stopped.keys()
+    for name in straight:
+        assert torch.equal(straight[name], stopped[name]), name
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="trainer.resume=true but .*checkpoint.pt does not exist"):
+        train(tiny_config(trainer=dict(resume=True)), tmp_path)
+
+
+def test_training_lowers_the_loss_and_writes_a_model_directory(tmp_path):
+    cfg = tiny_config(trainer=dict(max_steps=30, valid_every=10, test_after=True))
+    summary = train(cfg, tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "validations.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [10, 20, 30]
+    assert history[-1]["valid_loss"] < history[0]["valid_loss"]
+    assert "BLEU" in summary["test_bleu"]["signature"] or "nrefs" in summary["test_bleu"]["signature"]
+    bundle = load_bundle(tmp_path / "model")
+    assert bundle.config == cfg
+    assert len((tmp_path / "test.hyp.txt").read_text().splitlines()) == 500
