@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from seq2seq.config import SearchConfig
-from seq2seq.tokenizer import BOS_ID, EOS_ID, UNK_ID
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG_INF = float("-inf")
 
@@ -51,6 +51,13 @@ def max_lengths(src_len: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
 def length_penalty(length: int, alpha: float) -> float:
     """GNMT length penalty ((5 + length) / 6) ** alpha; the normalized score is score / penalty."""
     return ((5.0 + length) / 6.0) ** alpha
+
+
+def never_generated(log_probs: torch.Tensor) -> torch.Tensor:
+    """PAD and BOS are never outputs: set their log-probabilities to -inf in place."""
+    log_probs[:, PAD_ID] = NEG_INF
+    log_probs[:, BOS_ID] = NEG_INF
+    return log_probs
 
 
 def has_constraints(cfg: SearchConfig) -> bool:
@@ -90,7 +97,7 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchCo
     step = 0
     while active.numel():
         logits, state, attn = model.step(prev, state, enc)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = never_generated(torch.log_softmax(logits.float(), dim=-1))
         if has_constraints(cfg):  # every live sentence has generated exactly `step` tokens
             history = torch.tensor([tokens[s] for s in active.tolist()], dtype=torch.long, device=src.device)
             log_probs = ban_tokens(log_probs, history.view(active.numel(), step), cfg)
@@ -169,7 +176,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     while active:
         logits, state, attn = model.step(prev, state, enc)  # logits [b*K, V], attn [b*K, S] or None
         b = len(active)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = never_generated(torch.log_softmax(logits.float(), dim=-1))
         if has_constraints(cfg):
             log_probs = ban_tokens(log_probs, history.view(b * k, t), cfg)
         t += 1
@@ -193,7 +200,8 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
 
         # the K best non-EOS candidates continue
         live = _live_positions(cand_tokens, k)  # [b, K]
-        scores, parents, tokens = cand_scores.gather(1, live), cand_beams.gather(1, live), cand_tokens.gather(1, live)
+        scores, parents = cand_scores.gather(1, live), cand_beams.gather(1, live)  # [b, K]
+        tokens = cand_tokens.gather(1, live)  # [b, K]
         rows_flat = (torch.arange(b, device=device)[:, None] * k + parents).view(-1)  # [b*K] parent rows
         history = torch.cat([history.view(b * k, t - 1)[rows_flat].view(b, k, t - 1), tokens.unsqueeze(2)], 2)
         if attn_history is not None:
@@ -219,26 +227,21 @@ def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: 
                       lengths: list[int], t: int, alpha: float, keep: int) -> list[bool]:
     """Decide which sentences stop after step t; those at their maximum length finish their live beams
     as they are. scores [b, K] (best first), history [b, K, t], attn_history [b, K, t, S] or None."""
-    best_live = scores[:, 0].tolist()
+    all_scores = scores.tolist()
     done = []
     for row, sentence in enumerate(active):
-        hyps = found[sentence]
-        if t >= limits[sentence]:
-            for beam, score in enumerate(scores[row].tolist()):
-                if score > NEG_INF or (beam == 0 and not hyps):  # always at least one hypothesis
-                    attention = attn_history[row, beam] if attn_history is not None else None
-                    hyp = _make_hypothesis(history[row, beam].tolist(), score, t, attention, lengths[sentence], alpha)
-                    _add_finished(hyps, hyp, keep)
-            done.append(True)
-            continue
-        # the best normalized score any live hypothesis could still reach
-        bound = best_live[row] / length_penalty(limits[sentence], alpha)
+        hyps, at_limit = found[sentence], t >= limits[sentence]
+        # the best normalized score any live hypothesis could still reach (scores are <= 0)
+        bound = all_scores[row][0] / length_penalty(limits[sentence], alpha)
         worst = hyps[keep - 1].normalized_score if len(hyps) >= keep else NEG_INF
-        stop = bound <= worst
-        if stop and not hyps:  # every beam is dead (all tokens banned): keep the best one as it is
-            attention = attn_history[row, 0] if attn_history is not None else None
-            hyps.append(_make_hypothesis(history[row, 0].tolist(), best_live[row], t, attention, lengths[sentence],
-                                         alpha))
+        stop = at_limit or bound <= worst
+        if stop and (at_limit or not hyps):  # at the limit, or every beam dead (all tokens banned)
+            row_tokens = history[row].tolist()  # [K][t]
+            for beam, score in enumerate(all_scores[row]):
+                if (score > NEG_INF and at_limit) or (beam == 0 and not hyps):  # always at least one
+                    attention = attn_history[row, beam] if attn_history is not None else None
+                    hyp = _make_hypothesis(row_tokens[beam], score, t, attention, lengths[sentence], alpha)
+                    _add_finished(hyps, hyp, keep)
         done.append(stop)
     return done
 
