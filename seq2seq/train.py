@@ -4,6 +4,7 @@ The run directory ends up holding
     model/              the best model by validation BLEU (a self-contained model directory)
     tokenizer/          the sentencepiece model(s), written before the first step
     checkpoint.pt       everything needed to resume exactly (tensors and plain values only)
+    checkpoints/        step-N.safetensors weights after validations (the last and the best few), for averaging
     validations.jsonl   one line per validation
     summary.json        final figures, test BLEU included
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from tqdm import tqdm
 
 from seq2seq.batch import make_batch, token_batches
@@ -127,6 +130,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> Progress:
     return Progress(**state["progress"], history=json.loads(state["history"]))
 
 
+def keep_step_weights(directory: Path, model, progress: Progress, keep: int) -> None:
+    """Save this step's weights as checkpoints/step-N.safetensors; keep only the last and the best ``keep``."""
+    if keep <= 0:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{progress.step}.safetensors"
+    tmp = directory / f".{path.name}.tmp"
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+    last = [r["step"] for r in progress.history[-keep:]]
+    best = [r["step"] for r in sorted(progress.history, key=lambda r: -r["valid_bleu"])[:keep]]
+    for old in directory.glob("step-*.safetensors"):
+        if int(old.stem.split("-")[1]) not in set(last) | set(best):
+            old.unlink()
+
+
 # --- validation --------------------------------------------------------------------------------
 @torch.no_grad()
 def validation_loss(model, src_ids, tgt_ids, batch_tokens: int, device) -> tuple[float, int]:
@@ -209,6 +228,7 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(score.score)
         progress.history.append(record)
+        keep_step_weights(run_dir / "checkpoints", model, progress, t.keep_checkpoints)
         with open(run_dir / "validations.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         tqdm.write(f"step {progress.step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f} "

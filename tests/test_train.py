@@ -39,6 +39,16 @@ def test_training_lowers_the_loss_and_writes_a_model_directory(tmp_path):
     assert [h["step"] for h in history] == [10, 20, 30]
     assert history[-1]["valid_loss"] < history[0]["valid_loss"]
     assert "BLEU" in summary["test_bleu"]["signature"] or "nrefs" in summary["test_bleu"]["signature"]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-10.safetensors", "step-20.safetensors", "step-30.safetensors"]
     bundle = load_bundle(tmp_path / "model")
     assert bundle.config == cfg
     assert len((tmp_path / "test.hyp.txt").read_text().splitlines()) == 500
+
+
+def test_only_the_last_and_best_checkpoints_are_kept(tmp_path):
+    train(tiny_config(trainer=dict(max_steps=12, valid_every=2, keep_checkpoints=2)), tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "validations.jsonl").read_text().splitlines()]
+    best = {r["step"] for r in sorted(history, key=lambda r: -r["valid_bleu"])[:2]}
+    expected = {f"step-{s}.safetensors" for s in best | {10, 12}}
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == expected
