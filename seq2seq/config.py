@@ -183,6 +183,8 @@ class TrainerConfig:
     patience: int = 0  # validations without BLEU improvement before stopping; 0 = never stop early
     log_every: int = 50
     resume: bool = False  # continue from the run directory's checkpoint
+    checkpoint_every: int = 0  # steps between resume checkpoints besides validations; 0 = at validations only
+    max_bad_steps: int = 5  # stop after this many NaN/inf batches in a row
     keep_checkpoints: int = 5  # weights kept in checkpoints/ after each validation: the last N and the best N
     test_after: bool = True  # translate and score the test split with the best model at the end
 
@@ -195,8 +197,9 @@ class TrainerConfig:
         _check_positive("trainer.batch_tokens", self.batch_tokens)
         _check_positive("trainer.valid_every", self.valid_every)
         _check_positive("trainer.log_every", self.log_every)
+        _check_positive("trainer.max_bad_steps", self.max_bad_steps)
         for name in ("max_steps", "max_epochs", "max_minutes", "clip_grad_norm", "patience", "weight_decay",
-                     "warmup_steps", "threads", "keep_checkpoints"):
+                     "warmup_steps", "threads", "keep_checkpoints", "checkpoint_every"):
             _check_positive(f"trainer.{name}", getattr(self, name), allow_zero=True)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"trainer.label_smoothing={self.label_smoothing} must be in [0, 1)")

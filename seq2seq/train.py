@@ -27,6 +27,7 @@ from seq2seq.batch import make_batch, token_batches
 from seq2seq.checkpoint import Bundle, atomic_torch_save, atomic_write_bytes, load_bundle, save_bundle
 from seq2seq.config import Config
 from seq2seq.data import DataError, filter_by_length, load_split
+from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.runtime import resolve_device, set_seed, set_threads
@@ -51,6 +52,7 @@ class Progress:
     best_step: int = 0
     bad_validations: int = 0  # validations since BLEU last improved
     elapsed: float = 0.0  # training seconds before this process started
+    skipped_steps: int = 0  # batches skipped for a NaN/inf loss or running out of GPU memory
     history: list = field(default_factory=list)
 
 
@@ -165,6 +167,31 @@ def translate_pairs(bundle: Bundle, pairs, device: str, batch_size: int) -> list
     return [nbest[0].text for nbest in translator.translate([s for s, _ in pairs])]
 
 
+def train_step(model, batch, optimizer, t) -> float | None:
+    """Forward, backward, clip, update. Returns the summed loss, or None when the batch was skipped."""
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=t.teacher_forcing)
+        loss = sequence_loss(logits, batch.tgt_out, t.label_smoothing)
+        if not torch.isfinite(loss):
+            log.warning("skipping a batch whose loss is %s", loss.item())
+            return None
+        (loss / batch.num_tgt_tokens).backward()
+    except torch.cuda.OutOfMemoryError:
+        log.warning("out of GPU memory on a batch of %d sentences (%d target tokens): skipped",
+                    batch.src.size(0), batch.num_tgt_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return None
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
+    if not torch.isfinite(norm):
+        log.warning("skipping a batch whose gradient norm is %s", norm.item())
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return loss.item()
+
+
 # --- the loop ------------------------------------------------------------------------------------
 def train(cfg: Config, run_dir: str | Path) -> dict:
     """Train a model as ``cfg`` says; writes into ``run_dir`` and returns the summary."""
@@ -201,6 +228,8 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_path, progress.step,
                  progress.epoch, progress.batch_in_epoch)
     bundle = Bundle(model, cfg, src_tok, tgt_tok)
+    manifest = build_manifest(cfg)
+    atomic_write_bytes(run_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
     src_lens, tgt_lens = [len(s) for s in train_src], [len(x) for x in train_tgt]
     start_time = time.monotonic() - progress.elapsed
 
@@ -242,27 +271,30 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
     # the bar is drawn on terminals only; elsewhere (logs, CI) the same figures go to the log
     bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=None)
-    window_tokens, window_start, stop = 0, time.monotonic(), False
+    window_tokens, window_start, stop, bad_in_a_row = 0, time.monotonic(), False, 0
     while not stop and not out_of_budget():
         batches = token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch)
         for group in batches[progress.batch_in_epoch:]:
             batch = make_batch([train_src[i] for i in group], [train_tgt[i] for i in group]).to(device)
-            logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=t.teacher_forcing)
-            loss = sequence_loss(logits, batch.tgt_out, t.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / batch.num_tgt_tokens).backward()
-            if t.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            optimizer.step()
+            progress.batch_in_epoch += 1
+            loss = train_step(model, batch, optimizer, t)
+            if loss is None:  # skipped: not finite, or out of GPU memory
+                bad_in_a_row += 1
+                progress.skipped_steps += 1
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss or gradient was NaN/inf for {bad_in_a_row} batches in a row at step {progress.step}; "
+                        f"the last good checkpoint is {checkpoint_path}; lower trainer.lr or set trainer.clip_grad_norm")
+                continue
+            bad_in_a_row = 0
             if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()
             progress.step += 1
-            progress.batch_in_epoch += 1
             window_tokens += batch.num_tgt_tokens
             bar.update(1)
             if progress.step % t.log_every == 0:
                 now = time.monotonic()
-                figures = dict(loss=f"{loss.item() / batch.num_tgt_tokens:.3f}", epoch=progress.epoch,
+                figures = dict(loss=f"{loss / batch.num_tgt_tokens:.3f}", epoch=progress.epoch,
                                tok_s=f"{window_tokens / max(now - window_start, 1e-9):.0f}",
                                lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 bar.set_postfix(figures)
@@ -271,6 +303,9 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
                 window_tokens, window_start = 0, now
             if progress.step % t.valid_every == 0:
                 stop = validate()
+            elif t.checkpoint_every and progress.step % t.checkpoint_every == 0:
+                progress.elapsed = time.monotonic() - start_time
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress)
             if stop or out_of_budget():
                 break
         else:
@@ -284,6 +319,9 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
                "model_dir": str(run_dir / "model")}
     if t.test_after:
         summary.update(test_model(run_dir / "model", cfg, str(device), run_dir))
+        manifest["test_bleu_signature"] = summary.get("test_bleu", {}).get("signature")
+    manifest["skipped_steps"] = progress.skipped_steps
+    atomic_write_bytes(run_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

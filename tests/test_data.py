@@ -107,3 +107,38 @@ def test_multi30k_loads_from_the_shared_folder():
     assert (len(train), len(test)) == (29000, 1000)
     assert train[0] == ("Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.",
                         "Two young, White males are outside near many bushes.")
+
+
+def test_hub_loading_maps_splits_and_reads_translation_dicts(monkeypatch):
+    """The hub path, with datasets.load_dataset replaced by an in-memory dataset (no network here)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        rows = {"translation": [{"de": "Ein Hund.", "en": "A dog."}, {"de": "Ja.", "en": "Yes."}]}
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(source="hub", hub_name="wmt14", hub_config="de-en", src_lang="de", tgt_lang="en",
+                     hub_split_map={"test2016": "test"})
+    assert load_split(cfg, "test2016") == [("Ein Hund.", "A dog."), ("Ja.", "Yes.")]
+    assert calls == [("wmt14", "de-en", "test")]
+    bad = DataConfig(source="hub", hub_name="wmt14", src_lang="de", tgt_lang="fr")
+    with pytest.raises(DataError, match=r"hub dataset wmt14 \(train\) row 0: unknown column 'fr'"):
+        load_split(bad, "train")
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'bentrevett/multi30k' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    cfg = DataConfig(source="hub", hub_name="bentrevett/multi30k", src_lang="de", tgt_lang="en")
+    with pytest.raises(DataError) as err:
+        load_split(cfg, "train")
+    assert str(err.value).startswith("hub dataset 'bentrevett/multi30k' split 'train' could not be loaded: Couldn't")
+    assert "\n" not in str(err.value)

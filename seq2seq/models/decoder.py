@@ -104,6 +104,18 @@ class Decoder(nn.Module):
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
         """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
+        output, context, state, attn = self.recur(embedded, state, enc)
+        pre_output = self.pre_output_of(output, embedded, context)
+        if self.input_feeding:
+            state = replace(state, feed=pre_output)
+        return pre_output, state, attn
+
+    def recur(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
+        """The recurrent half of a step: -> (RNN output [B, D], context [B, He], new state, attention).
+
+        For the Cho and Bahdanau modes the pre-output layer needs nothing from later steps, so
+        training runs this half step by step and the pre-output layer once over all positions.
+        """
         hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
         attn = None
         if self.luong:
@@ -119,11 +131,13 @@ class Decoder(nn.Module):
         hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
         if self.luong:
             context, attn = self.attention(output, enc.keys, enc.memory, enc.mask)
-            pre_output = torch.tanh(self.pre_output(torch.cat([output[:, 0], context[:, 0]], dim=-1)))
-        else:
-            pre_output = torch.tanh(self.pre_output(torch.cat([output[:, 0], embedded, context], dim=-1)))
-        feed = pre_output if self.input_feeding else None
-        return pre_output, DecoderState(hidden, cell, feed), None if attn is None else attn[:, 0]
+            context = context[:, 0]
+        return output[:, 0], context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
+
+    def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
+        parts = [output, context] if self.luong else [output, embedded, context]
+        return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
 
     def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
         """prev_tokens [B] -> (logits [B, V], new state, attention [B, S] or None). Pure: writes nothing."""
@@ -144,13 +158,22 @@ class Decoder(nn.Module):
         fused = self.can_fuse if fused is None else fused
         if fused and self.can_fuse:
             pre_output, attn = self._fused(embedded, state, enc)
-        else:
+        elif self.input_feeding:  # each step needs the previous pre-output
             outputs, attns = [], []
             for t in range(tgt_in.size(1)):
                 out, state, a = self.advance(embedded[:, t], state, enc)
                 outputs.append(out)
                 attns.append(a)
             pre_output = torch.stack(outputs, dim=1)  # [B, T, D]
+            attn = torch.stack(attns, dim=1)
+        else:  # the recurrent half step by step, the pre-output layer once for all positions
+            outputs, contexts, attns = [], [], []
+            for t in range(tgt_in.size(1)):
+                out, context, state, a = self.recur(embedded[:, t], state, enc)
+                outputs.append(out)
+                contexts.append(context)
+                attns.append(a)
+            pre_output = self.pre_output_of(torch.stack(outputs, 1), embedded, torch.stack(contexts, 1))
             attn = torch.stack(attns, dim=1) if attns[0] is not None else None
         logits = self.project(pre_output)  # one matrix product over all positions
         return (logits, attn) if return_attention else logits
@@ -160,7 +183,7 @@ class Decoder(nn.Module):
         if self.luong:
             output, _ = self.rnn(embedded, hx)  # [B, T, D]
             context, attn = self.attention(output, enc.keys, enc.memory, enc.mask)
-            return torch.tanh(self.pre_output(torch.cat([output, context], dim=-1))), attn
+            return self.pre_output_of(output, embedded, context), attn
         context = enc.context[:, None, :].expand(-1, embedded.size(1), -1)  # [B, T, He]
         output, _ = self.rnn(torch.cat([embedded, context], dim=-1), hx)
-        return torch.tanh(self.pre_output(torch.cat([output, embedded, context], dim=-1))), None
+        return self.pre_output_of(output, embedded, context), None

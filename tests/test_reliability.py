@@ -1,0 +1,126 @@
+"""Faults: NaN losses, SIGKILL at any point, interrupted saves."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import seq2seq.train as train_module
+from seq2seq.checkpoint import load_bundle, save_bundle
+from seq2seq.train import TrainingError, train
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINER = dict(max_steps=14, valid_every=7, checkpoint_every=1, batch_tokens=1500)
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def nan_after(calls_ok: int, monkeypatch):
+    real, calls = train_module.sequence_loss, []
+
+    def flaky(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if not torch.is_grad_enabled():  # validation
+            return loss
+        calls.append(1)
+        return loss * float("nan") if len(calls) > calls_ok else loss
+
+    monkeypatch.setattr(train_module, "sequence_loss", flaky)
+
+
+def test_a_few_nan_batches_are_skipped_and_counted(tmp_path, monkeypatch):
+    real, calls = train_module.sequence_loss, []
+
+    def two_bad(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if not torch.is_grad_enabled():  # validation
+            return loss
+        calls.append(1)
+        return loss * float("nan") if len(calls) in (3, 4) else loss
+
+    monkeypatch.setattr(train_module, "sequence_loss", two_bad)
+    summary = train(tiny_config(trainer=dict(max_steps=6, valid_every=6)), tmp_path)
+    assert summary["steps"] == 6
+    assert json.loads((tmp_path / "manifest.json").read_text())["skipped_steps"] == 2
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
+
+
+def test_nan_in_a_row_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    nan_after(4, monkeypatch)
+    with pytest.raises(TrainingError, match=r"NaN/inf for 5 batches in a row at step 4; the last good checkpoint"):
+        train(tiny_config(trainer=dict(max_steps=20, valid_every=2, max_bad_steps=5)), tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["progress"]["step"] == 4
+    assert all(torch.isfinite(w).all() for w in state["model"].values())
+    load_bundle(tmp_path / "model")  # the best model directory is whole
+
+
+TRAIN_SCRIPT = """
+import sys
+from seq2seq.train import train
+from tests.conftest import tiny_config
+train(tiny_config(trainer={trainer!r}), sys.argv[1])
+"""
+
+
+def start_training(run_dir: Path, trainer: dict) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT.format(trainer=trainer), str(run_dir)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    try:
+        return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["progress"]["step"]
+    except Exception:  # not written yet
+        return -1
+
+
+def test_sigkill_at_several_points_then_resume_gives_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    proc = start_training(straight, TRAINER)
+    assert proc.wait(timeout=300) == 0
+    expected = weights(straight)
+    killed = tmp_path / "killed"
+    kills = 0
+    for kill_at_step in (2, 6, 11):  # kill -9 once the checkpoint has reached these steps
+        proc = start_training(killed, TRAINER)
+        deadline = time.monotonic() + 300
+        while checkpoint_step(killed) < kill_at_step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+    assert kills >= 2
+    proc = start_training(killed, TRAINER)  # resumes automatically from the run directory
+    assert proc.wait(timeout=300) == 0
+    got = weights(killed)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_an_interrupted_save_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    train(cfg, tmp_path / "run")
+    bundle = load_bundle(tmp_path / "run" / "model")
+    before = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process were stopped mid-write
+
+    import seq2seq.checkpoint as checkpoint_module
+    monkeypatch.setattr(checkpoint_module, "save_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_bundle(tmp_path / "run" / "model", bundle.model, cfg, bundle.src_tokenizer, bundle.tgt_tokenizer)
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    load_bundle(tmp_path / "run" / "model")
