@@ -39,7 +39,7 @@ class ModelConfig:
     # none = Cho et al. 2014 context vector; bahdanau = additive attention on the previous state;
     # luong_dot / luong_general = attention after the RNN step (Luong et al. 2015)
     attention: str = "bahdanau"
-    input_feeding: bool = True  # feed the previous attentional vector to the RNN (Luong modes)
+    input_feeding: bool = False  # feed the previous attentional (pre-output) vector to the RNN
     attention_size: int = 256  # hidden size of the additive attention MLP
     bridge: str = "learned"  # learned | copy | zeros: how encoder final states start the decoder
     dropout: float = 0.2  # between RNN layers and before the output layer

@@ -4,7 +4,8 @@ Conditioning modes (``ModelConfig.attention``):
 - ``none``: Cho et al. 2014. A fixed context vector (the encoder's final state) is fed to the RNN at
   every step and to the output layer.
 - ``bahdanau``: additive attention whose query is the previous decoder state; the context is fed to
-  the RNN and the output layer.
+  the RNN and the output layer (with input feeding, the previous pre-output vector is fed too, as in
+  Joey NMT and OpenNMT-py).
 - ``luong_dot`` / ``luong_general``: the RNN steps first, then attends with its new state; the
   attentional vector tanh(W [h; c]) predicts the word and, with input feeding, is fed to the next step.
 """
@@ -39,12 +40,12 @@ class Decoder(nn.Module):
         self.cfg = cfg
         enc_size, dec_size, emb_size = cfg.enc_hidden_size, cfg.dec_hidden_size, cfg.emb_size
         self.luong = cfg.attention.startswith("luong")
-        self.input_feeding = self.luong and cfg.input_feeding
+        self.input_feeding = cfg.input_feeding and cfg.attention != "none"
         self.embedding = nn.Embedding(vocab_size, emb_size, padding_idx=0)
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-        rnn_input = emb_size + (dec_size if self.input_feeding else 0) + (0 if self.luong else enc_size)
+        rnn_input = emb_size + (dec_size if self.input_feeding else 0) + (0 if self.luong else enc_size)  # [y; h~; c]
         self.rnn = make_rnn(cfg.cell, rnn_input, dec_size, cfg.dec_layers, cfg.dropout)
         if cfg.attention == "bahdanau":
             self.attention = AdditiveAttention(dec_size, enc_size, cfg.attention_size)
@@ -126,7 +127,7 @@ class Decoder(nn.Module):
                 context = context[:, 0]
             else:
                 context = enc.context
-            rnn_input = torch.cat([embedded, context], dim=-1)
+            rnn_input = torch.cat([embedded, context] + ([state.feed] if self.input_feeding else []), dim=-1)
         output, new_hx = self.rnn(rnn_input[:, None, :], hx)  # output [B, 1, D]
         hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
         if self.luong:
