@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from seq2seq.alignment import AlignmentError, AttentionWriter
 from seq2seq.checkpoint import ModelDirError
 from seq2seq.config import ConfigError
 from seq2seq.data import DataError
@@ -54,7 +55,8 @@ def train_main() -> None:
 
 # --- translate ---------------------------------------------------------------------------------
 def add_search_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory written by training")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="model directory written by training; several make an ensemble (same vocabularies)")
     parser.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
     parser.add_argument("--alpha", type=float, default=None, help="GNMT length penalty alpha")
     parser.add_argument("--max-len-a", type=float, default=None, help="max output length = a * source length + b")
@@ -72,8 +74,8 @@ def load_translator(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    return Translator.from_dir(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
-                               max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size)
+    return Translator.from_dirs(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
+                                max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size)
 
 
 def one_line(text: str) -> str:
@@ -87,12 +89,16 @@ def translate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="output file (default: standard output)")
     parser.add_argument("--n-best", type=int, default=1,
                         help="with N > 1, write N lines per input: index<TAB>score<TAB>translation")
+    parser.add_argument("--attention-json", metavar="FILE",
+                        help="write each line's attention (of the best translation) as JSON lines")
+    parser.add_argument("--attention-png", metavar="DIR", help="draw each line's attention as DIR/{index}.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.n_best < 1:
         fail(f"--n-best must be at least 1, got {args.n_best}")
     try:
         translator = load_translator(args)
+        attention = AttentionWriter.open(translator.model, args.attention_json, args.attention_png)
         if args.n_best > translator.search_cfg.beam_size:
             fail(f"--n-best {args.n_best} needs --beam of at least {args.n_best}")
         if args.input:
@@ -103,14 +109,16 @@ def translate_main(argv: list[str] | None = None) -> None:
             source = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n")
         sink = (open(args.output, "w", encoding="utf-8", newline="\n") if args.output
                 else io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", line_buffering=False))
-        with source, sink:
-            for index, nbest in enumerate(translator.translate_stream(source, n_best=args.n_best)):
+        with source, sink, attention:
+            for index, nbest in enumerate(translator.translate_stream(source, n_best=args.n_best,
+                                                                      return_attention=attention.active)):
+                attention.add(index, nbest[0])
                 if args.n_best == 1:
                     sink.write(one_line(nbest[0].text) + "\n")
                 else:
                     for hyp in nbest:
                         sink.write(f"{index}\t{hyp.score:.4f}\t{one_line(hyp.text)}\n")
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, AlignmentError) as err:
         fail(str(err))
 
 
@@ -133,7 +141,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     try:
         translator = load_translator(args)
         report = evaluate(translator, src=args.src, ref=args.ref, split=args.split, data_yaml=args.data,
-                          out_dir=args.out)
+                          out_dir=args.out, model_dir=args.model[0])
     except USER_ERRORS as err:
         fail(str(err))
     print(report["bleu"]["text"])

@@ -3,6 +3,10 @@
 Every input line gives exactly one output: empty and whitespace-only lines give an empty line, over-long
 lines are cut to ``data.truncate_len`` pieces with a warning, and input is read in bounded chunks so
 a file of any size streams through in bounded memory.
+
+Search settings come from the training config, then the model directory's ``search.yaml`` (written by
+``seq2seq-tune --save``), then explicit overrides. Several model directories make an ensemble
+(:mod:`seq2seq.ensemble`).
 """
 from __future__ import annotations
 
@@ -13,14 +17,36 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq.batch import make_batch, sentence_batches
-from seq2seq.checkpoint import Bundle, load_bundle
-from seq2seq.config import SearchConfig
+from seq2seq.checkpoint import Bundle, ModelDirError, load_bundle
+from seq2seq.config import ConfigError, SearchConfig
+from seq2seq.ensemble import load_ensemble
 from seq2seq.runtime import resolve_device
 from seq2seq.search import Hypothesis, search
 
 log = logging.getLogger(__name__)
+SEARCH_FILE = "search.yaml"  # default search settings in a model directory (written by seq2seq-tune)
+
+
+def read_search_defaults(model_dir: str | Path, base: SearchConfig) -> SearchConfig:
+    """``base`` updated with the model directory's search.yaml when it has one (yaml.safe_load only)."""
+    path = Path(model_dir) / SEARCH_FILE
+    if not path.is_file():
+        return base
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ModelDirError(f"{path}: must be a YAML mapping of search settings")
+        config: SearchConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), values))
+        config.validate()
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException, ConfigError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelDirError(f"{path}: bad search settings ({first}); fix or delete the file") from None
+    return config
 
 
 @dataclass
@@ -43,8 +69,21 @@ class Translator:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", **search_overrides) -> "Translator":
-        bundle = load_bundle(model_dir)
-        search_cfg = replace(bundle.config.search, **{k: v for k, v in search_overrides.items() if v is not None})
+        """Search settings: the training config's, then the directory's search.yaml, then the overrides."""
+        return cls._with_defaults(load_bundle(model_dir), model_dir, device, search_overrides)
+
+    @classmethod
+    def from_dirs(cls, model_dirs: list[str | Path], device: str = "auto", **search_overrides) -> "Translator":
+        """One directory: :meth:`from_dir`. Several: an ensemble, with the first one's tokenizers, config
+        and search defaults."""
+        if len(model_dirs) == 1:
+            return cls.from_dir(model_dirs[0], device, **search_overrides)
+        return cls._with_defaults(load_ensemble(model_dirs), model_dirs[0], device, search_overrides)
+
+    @classmethod
+    def _with_defaults(cls, bundle: Bundle, model_dir: str | Path, device: str, overrides: dict) -> "Translator":
+        search_cfg = read_search_defaults(model_dir, bundle.config.search)
+        search_cfg = replace(search_cfg, **{k: v for k, v in overrides.items() if v is not None})
         return cls(bundle, search_cfg, device)
 
     def translate(self, lines: list[str], n_best: int = 1, return_attention: bool = False) -> list[list[Translation]]:

@@ -196,7 +196,8 @@ VOCAB = 20
 
 def make_model(cell="gru", attention="bahdanau", vocab=VOCAB, seed=0, eos_bias=0.0, unk_bias=0.0):
     torch.manual_seed(seed)
-    model = Seq2Seq(tiny_model_config(cell=cell, attention=attention), vocab, vocab).eval()
+    model = Seq2Seq(tiny_model_config(cell=cell, attention=attention, input_feeding=attention.startswith("luong")),
+                    vocab, vocab).eval()
     with torch.no_grad():
         model.decoder.output.bias[EOS_ID] += eos_bias
         model.decoder.output.bias[UNK_ID] += unk_bias

@@ -1,0 +1,161 @@
+"""Benchmark: training tokens/s, decoding sentences/s, peak memory and the share of the machine used.
+
+    python scripts/benchmark.py --train-seconds 120 --model MODEL_DIR -- experiment=multi30k_gru
+
+Each phase runs in a process of its own so its peak memory (ru_maxrss) is its own. Training speed is
+measured like ../shared/peers does it: the median over steps after warm-up (the first max(20, 5%)
+steps) of target tokens (with EOS, without padding) per second of step time. The machine's matrix
+multiply rate (fp32, 2048^3) is measured in the same run, so the fraction of it that training achieves
+compares across machines. Writes JSON and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from seq2seq.config import to_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_config(hydra_compose(config_name="train", overrides=overrides))
+
+
+def matmul_rate(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 matrix-multiply GFLOP/s (median of ``repeats``)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_phase(overrides: list[str], seconds: float, threads: int, queue) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from seq2seq.batch import make_batch, token_batches
+    from seq2seq.data import load_split
+    from seq2seq.models.seq2seq import Seq2Seq
+    from seq2seq.runtime import set_seed, set_threads
+    from seq2seq.tokenizer import train_tokenizers
+    from seq2seq.train import build_optimizer, encode_pairs, train_step
+
+    cfg = compose(overrides)
+    set_threads(threads)
+    set_seed(cfg.trainer.seed)
+    pairs = load_split(cfg.data, cfg.data.train_split)
+    src_tok, tgt_tok = train_tokenizers(pairs, cfg.data.tokenizer)
+    src, tgt = encode_pairs(pairs, src_tok, tgt_tok, cfg.data.max_len)
+    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).train()
+    optimizer, _ = build_optimizer(model, cfg)
+    t = cfg.trainer
+    step_times, step_tokens, start, epoch = [], [], time.perf_counter(), 0
+    flop_per_token = None
+    while time.perf_counter() - start < seconds:
+        for group in token_batches([len(s) for s in src], [len(x) for x in tgt], t.batch_tokens, t.seed, epoch):
+            batch = make_batch([src[i] for i in group], [tgt[i] for i in group])
+            if flop_per_token is None:
+                with FlopCounterMode(display=False) as counter:
+                    train_step(model, batch, optimizer, t)
+                flop_per_token = counter.get_total_flops() / batch.num_tgt_tokens
+                continue
+            step_start = time.perf_counter()
+            train_step(model, batch, optimizer, t)
+            step_times.append(time.perf_counter() - step_start)
+            step_tokens.append(batch.num_tgt_tokens)
+            if time.perf_counter() - start >= seconds:
+                break
+        epoch += 1
+    warmup = max(20, len(step_times) // 20)
+    rates = [n / s for n, s in zip(step_tokens[warmup:], step_times[warmup:])] or [0.0]
+    queue.put({"train_tokens_per_s": statistics.median(rates), "train_steps": len(step_times),
+               "tokens_per_step": statistics.mean(step_tokens), "flop_per_token": flop_per_token,
+               "train_peak_rss_mib": _peak_rss_mib()})
+
+
+def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sentences: int, queue) -> None:
+    from seq2seq.data import load_split
+    from seq2seq.metrics import bleu
+    from seq2seq.runtime import set_threads
+    from seq2seq.translate import Translator
+
+    set_threads(threads)
+    translator = Translator.from_dir(model_dir, device="cpu", beam_size=beam, batch_size=batch_size,
+                                     alpha=1.0 if beam > 1 else 0.0)
+    data = translator.bundle.config.data
+    pairs = load_split(data, data.test_split)[:sentences]
+    start = time.perf_counter()
+    hyps = [n[0].text for n in translator.translate([s for s, _ in pairs])]
+    seconds = time.perf_counter() - start
+    queue.put({"beam": beam, "batch_size": batch_size, "sentences_per_s": len(pairs) / seconds,
+               "bleu": bleu(hyps, [r for _, r in pairs]).score, "peak_rss_mib": _peak_rss_mib()})
+
+
+def run_in_child(target, *args) -> dict:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="seq2seq-benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=multi30k_gru")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-seconds", type=float, default=120, help="0 = skip training")
+    parser.add_argument("--model", help="model directory to decode its test split with (skip decoding without)")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--beams", default="1,5")
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--out", default="benchmark.json")
+    args = parser.parse_args(argv)
+    result = {"threads": args.threads, "overrides": args.overrides, "torch": torch.__version__,
+              "matmul_gflops": matmul_rate(args.threads)}
+    if args.train_seconds > 0:
+        result.update(run_in_child(_train_phase, args.overrides, args.train_seconds, args.threads))
+        achieved = result["train_tokens_per_s"] * result["flop_per_token"] / 1e9
+        result["train_gflops"] = achieved
+        result["fraction_of_matmul_rate"] = achieved / result["matmul_gflops"]
+    decoding = []
+    if args.model:
+        for beam in map(int, args.beams.split(",")):
+            for batch_size in map(int, args.batch_sizes.split(",")):
+                decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
+                                             args.sentences))
+    result["decoding"] = decoding
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"| figure | value |\n|---|---|\n| matmul fp32 2048³ | {result['matmul_gflops']:.0f} GFLOP/s |")
+    if "train_tokens_per_s" in result:
+        print(f"| training, target tokens/s (median) | {result['train_tokens_per_s']:,.0f} |")
+        print(f"| target tokens per step | {result['tokens_per_step']:,.0f} |")
+        print(f"| MFLOP per target token | {result['flop_per_token'] / 1e6:.1f} |")
+        print(f"| share of the matmul rate | {result['fraction_of_matmul_rate']:.0%} |")
+        print(f"| peak memory, training | {result['train_peak_rss_mib'] / 1024:.2f} GiB |")
+    for d in decoding:
+        print(f"| decoding beam {d['beam']}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
+              f"{d['sentences_per_s']:.0f}, {d['bleu']:.2f}, {d['peak_rss_mib'] / 1024:.2f} GiB |")
+    print(f"(written to {args.out})")
