@@ -18,15 +18,18 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import save_model
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from seq2seq.batch import make_batch, token_batches
 from seq2seq.checkpoint import Bundle, atomic_torch_save, atomic_write_bytes, load_bundle, save_bundle
 from seq2seq.config import Config
 from seq2seq.data import DataError, filter_by_length, load_split
+from seq2seq.distributed import DistContext, any_rank, barrier, broadcast, init_distributed, shard, shutdown
 from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
@@ -167,13 +170,16 @@ def translate_pairs(bundle: Bundle, pairs, device: str, batch_size: int) -> list
     return [nbest[0].text for nbest in translator.translate([s for s, _ in pairs])]
 
 
-def train_step(model, batch, optimizer, t) -> float | None:
-    """Forward, backward, clip, update. Returns the summed loss, or None when the batch was skipped."""
+def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None) -> float | None:
+    """Forward, backward, clip, update. Returns the summed loss, or None when the batch was skipped.
+
+    ``model`` may be wrapped in DistributedDataParallel; then every rank skips a batch together.
+    """
     optimizer.zero_grad(set_to_none=True)
     try:
         logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=t.teacher_forcing)
         loss = sequence_loss(logits, batch.tgt_out, t.label_smoothing)
-        if not torch.isfinite(loss):
+        if any_rank(not torch.isfinite(loss).item(), ctx, device):
             log.warning("skipping a batch whose loss is %s", loss.item())
             return None
         (loss / batch.num_tgt_tokens).backward()
@@ -193,17 +199,23 @@ def train_step(model, batch, optimizer, t) -> float | None:
 
 
 # --- the loop ------------------------------------------------------------------------------------
-def train(cfg: Config, run_dir: str | Path) -> dict:
-    """Train a model as ``cfg`` says; writes into ``run_dir`` and returns the summary."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) -> dict:
+    """Train a model as ``cfg`` says; writes into ``run_dir`` and returns the summary.
+
+    ``on_step(model, progress)``, when given, is called after every optimizer step. Under torchrun
+    every rank calls this; rank 0's ``run_dir`` is used by all.
+    """
     t = cfg.trainer
+    ctx, device = init_distributed(resolve_device(t.device))
+    run_dir = Path(broadcast(str(run_dir), ctx))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not ctx.is_main:
+        log.setLevel(logging.WARNING)
     checkpoint_path = run_dir / "checkpoint.pt"
     resuming = checkpoint_path.is_file()
     if t.resume and not resuming:
         raise TrainingError(f"trainer.resume=true but {checkpoint_path} does not exist; "
                             "point hydra.run.dir at the run to resume")
-    device = resolve_device(t.device)
     set_threads(t.threads)
     set_seed(t.seed)
 
@@ -211,6 +223,9 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
     valid_pairs = load_split(cfg.data, cfg.data.valid_split)
     if cfg.data.valid_max_sentences:
         valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
+    if ctx.is_main:  # the other ranks read what rank 0 trained
+        prepare_tokenizers(cfg, train_pairs, run_dir)
+    barrier(ctx)
     src_tok, tgt_tok = prepare_tokenizers(cfg, train_pairs, run_dir)
     train_src, train_tgt = encode_pairs(train_pairs, src_tok, tgt_tok, cfg.data.max_len)
     if not train_src:
@@ -227,19 +242,31 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
         progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_path, progress.step,
                  progress.epoch, progress.batch_in_epoch)
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
     bundle = Bundle(model, cfg, src_tok, tgt_tok)
     manifest = build_manifest(cfg)
-    atomic_write_bytes(run_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
+    if ctx.is_main:
+        atomic_write_bytes(run_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
     src_lens, tgt_lens = [len(s) for s in train_src], [len(x) for x in train_tgt]
     start_time = time.monotonic() - progress.elapsed
 
     def out_of_budget() -> bool:
+        out_of_time = bool(t.max_minutes and time.monotonic() - start_time >= t.max_minutes * 60)
+        if t.max_minutes:  # clocks differ between ranks: stop when any rank's time is up
+            out_of_time = any_rank(out_of_time, ctx, device)
         return bool((t.max_steps and progress.step >= t.max_steps)
-                    or (t.max_epochs and progress.epoch >= t.max_epochs)
-                    or (t.max_minutes and time.monotonic() - start_time >= t.max_minutes * 60))
+                    or (t.max_epochs and progress.epoch >= t.max_epochs) or out_of_time)
 
     def validate() -> bool:
-        """Score the validation split, keep the best model, checkpoint; True when patience runs out."""
+        """Rank 0 validates and saves; all ranks share its verdict. True when patience runs out."""
+        score, stop = validate_on_main() if ctx.is_main else (None, None)
+        score, stop = broadcast((score, stop), ctx)
+        if not ctx.is_main and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(score)
+        return stop
+
+    def validate_on_main() -> tuple[float, bool]:
+        """Score the validation split, keep the best model, checkpoint."""
         loss, tokens = validation_loss(model, valid_src, valid_tgt, t.batch_tokens, device)
         hyps = translate_pairs(bundle, valid_pairs, str(device), cfg.search.batch_size)
         score = bleu(hyps, [r for _, r in valid_pairs])
@@ -264,20 +291,20 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
                    f"BLEU {score.score:.2f}{' (best)' if improved else ''}")
         progress.elapsed = time.monotonic() - start_time
         save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress)
-        return bool(t.patience and progress.bad_validations >= t.patience)
+        return score.score, bool(t.patience and progress.bad_validations >= t.patience)
 
     model.train()
     total = t.max_steps or None
     # the bar is drawn on terminals only; elsewhere (logs, CI) the same figures go to the log
     bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=None)
+               disable=None if ctx.is_main else True)
     window_tokens, window_start, stop, bad_in_a_row = 0, time.monotonic(), False, 0
     while not stop and not out_of_budget():
-        batches = token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch)
+        batches = shard(token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch), ctx)
         for group in batches[progress.batch_in_epoch:]:
             batch = make_batch([train_src[i] for i in group], [train_tgt[i] for i in group]).to(device)
             progress.batch_in_epoch += 1
-            loss = train_step(model, batch, optimizer, t)
+            loss = train_step(net, batch, optimizer, t, ctx, device)
             if loss is None:  # skipped: not finite, or out of GPU memory
                 bad_in_a_row += 1
                 progress.skipped_steps += 1
@@ -290,6 +317,8 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
             if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()
             progress.step += 1
+            if on_step is not None:
+                on_step(model, progress)
             window_tokens += batch.num_tgt_tokens
             bar.update(1)
             if progress.step % t.log_every == 0:
@@ -298,12 +327,12 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
                                tok_s=f"{window_tokens / max(now - window_start, 1e-9):.0f}",
                                lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 bar.set_postfix(figures)
-                if bar.disable:
+                if bar.disable and ctx.is_main:
                     log.info("step %d: %s", progress.step, " ".join(f"{k}={v}" for k, v in figures.items()))
                 window_tokens, window_start = 0, now
             if progress.step % t.valid_every == 0:
                 stop = validate()
-            elif t.checkpoint_every and progress.step % t.checkpoint_every == 0:
+            elif t.checkpoint_every and progress.step % t.checkpoint_every == 0 and ctx.is_main:
                 progress.elapsed = time.monotonic() - start_time
                 save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress)
             if stop or out_of_budget():
@@ -312,17 +341,21 @@ def train(cfg: Config, run_dir: str | Path) -> dict:
             progress.epoch += 1
             progress.batch_in_epoch = 0
     bar.close()
-    if not progress.history or progress.history[-1]["step"] != progress.step:
+    if broadcast(not progress.history or progress.history[-1]["step"] != progress.step, ctx):
         validate()
     summary = {"steps": progress.step, "epochs": progress.epoch, "best_valid_bleu": progress.best_bleu,
                "best_step": progress.best_step, "train_minutes": (time.monotonic() - start_time) / 60,
                "model_dir": str(run_dir / "model")}
+    if not ctx.is_main:
+        shutdown(ctx)
+        return summary
     if t.test_after:
         summary.update(test_model(run_dir / "model", cfg, str(device), run_dir))
         manifest["test_bleu_signature"] = summary.get("test_bleu", {}).get("signature")
     manifest["skipped_steps"] = progress.skipped_steps
     atomic_write_bytes(run_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutdown(ctx)
     return summary
 
 

@@ -1,0 +1,80 @@
+"""Many processes through PyTorch's DistributedDataParallel, as launched by ``torchrun``.
+
+``torchrun --nproc_per_node N scripts/train.py ...`` starts N processes with RANK / WORLD_SIZE set.
+Each rank trains on its own shard of every epoch's batches; DDP averages the gradients, so the
+weights stay identical on every rank. Only rank 0 validates, logs and writes files; decisions that
+all ranks must share (stop early, stop for time, skip a batch) are agreed on collectively.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
+    """Join the process group when launched by torchrun; one process per GPU on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(), device
+    ctx = DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ctx, device
+
+
+def shard(batches: list, ctx: DistContext) -> list:
+    """This rank's batches: every rank gets the same number, so the collective steps line up."""
+    if not ctx.enabled:
+        return batches
+    usable = len(batches) // ctx.world_size * ctx.world_size
+    return batches[:usable][ctx.rank::ctx.world_size]
+
+
+def broadcast(value: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not ctx.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not ctx.enabled:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
