@@ -79,7 +79,8 @@ def load_translator(args: argparse.Namespace):
 
 
 def one_line(text: str) -> str:
-    return text.replace("\r", " ").replace("\n", " ")
+    """The text with every line separator (``str.splitlines`` knows eleven) turned into a space."""
+    return " ".join(text.splitlines()) if text else text
 
 
 def translate_main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,60 @@
+"""Translate survives anything piped into it: one output line per input line, streamed."""
+import io
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seq2seq.cli import one_line
+from seq2seq.translate import Translator
+from seq2seq.train import train
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def translator(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    train(tiny_config(data=dict(truncate_len=20), trainer=dict(max_steps=2, valid_every=2)), run_dir)
+    return Translator.from_dir(run_dir / "model", device="cpu", batch_size=8, max_len_a=0.5, max_len_b=3)
+
+
+def run_cli_path(translator, data: bytes) -> list[str]:
+    """What the translate command does with standard input, minus the process."""
+    source = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace", newline="\n")
+    return [one_line(n[0].text) for n in translator.translate_stream(source, chunk_size=16)]
+
+
+def expected_lines(data: bytes) -> int:
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n"), max_size=60), max_size=30),
+       st.binary(max_size=40), st.booleans())
+def test_any_input_gives_one_output_line_per_input_line(translator, lines, junk, final_newline):
+    data = "\n".join(lines).encode("utf-8") + junk.replace(b"\n", b"") + (b"\n" if final_newline else b"")
+    outputs = run_cli_path(translator, data)
+    assert len(outputs) == expected_lines(data)
+    assert all(len(o.splitlines()) <= 1 for o in outputs)  # no output smuggles in a line break
+
+
+def test_empty_whitespace_and_long_lines(translator, caplog):
+    data = "\n   \n\t\x0b\x0c\u2028 \nThe dog sees the cat.\n" + "the big dog " * 200 + "\n"
+    outputs = run_cli_path(translator, data.encode())
+    assert len(outputs) == 5 and outputs[0] == outputs[1] == outputs[2] == ""
+    assert any("only the first 20 are translated" in r.message for r in caplog.records)
+
+
+def test_input_is_streamed_in_bounded_chunks(translator):
+    consumed = 0
+
+    def endless():
+        nonlocal consumed
+        while True:
+            consumed += 1
+            yield "The dog sees the cat.\n"
+
+    stream = translator.translate_stream(endless(), chunk_size=16)
+    for _ in range(20):
+        next(stream)
+    assert consumed <= 32  # two chunks read, not the whole (endless) input
