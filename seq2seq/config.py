@@ -161,6 +161,9 @@ class SearchConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # fp32 | bf16 | fp16. CUDA: autocast of the forward pass (fp16 with a gradient scaler). CPU: bf16
+    # computes the output layer in bfloat16 (fast on CPUs with AMX or AVX512-BF16), the rest in fp32.
+    precision: str = "fp32"
     seed: int = 42
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     optimizer: str = "adam"  # adam | adamw
@@ -192,6 +195,7 @@ class TrainerConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"trainer.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         _check_choice("trainer.optimizer", self.optimizer, ("adam", "adamw"))
+        _check_choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
         _check_choice("trainer.scheduler", self.scheduler, ("none", "plateau", "warmup"))
         _check_positive("trainer.lr", self.lr)
         _check_positive("trainer.batch_tokens", self.batch_tokens)

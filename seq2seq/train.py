@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from seq2seq.batch import make_batch, token_batches
 from seq2seq.checkpoint import Bundle, atomic_torch_save, atomic_write_bytes, load_bundle, save_bundle
-from seq2seq.config import Config
+from seq2seq.config import Config, ConfigError
 from seq2seq.data import DataError, filter_by_length, load_split
 from seq2seq.distributed import DistContext, any_rank, barrier, broadcast, init_distributed, shard, shutdown
 from seq2seq.manifest import build_manifest
@@ -103,11 +103,12 @@ def build_optimizer(model: torch.nn.Module, cfg: Config):
 
 
 # --- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress, scaler=None) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "scaler": scaler.state_dict() if scaler is not None else {},
         "progress": {k: v for k, v in vars(progress).items() if k != "history"},
         "history": json.dumps(progress.history),
         "rng_torch": torch.get_rng_state(),
@@ -117,13 +118,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress)
     atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> Progress:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Progress:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     except Exception as err:  # a damaged file surfaces as many different torch errors
         raise TrainingError(f"{path}: cannot resume from this checkpoint ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
@@ -170,25 +173,38 @@ def translate_pairs(bundle: Bundle, pairs, device: str, batch_size: int) -> list
     return [nbest[0].text for nbest in translator.translate([s for s, _ in pairs])]
 
 
-def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None) -> float | None:
+def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None,
+               scaler: Optional[torch.amp.GradScaler] = None) -> float | None:
     """Forward, backward, clip, update. Returns the summed loss, or None when the batch was skipped.
 
     ``model`` may be wrapped in DistributedDataParallel; then every rank skips a batch together.
+    On CUDA, ``trainer.precision`` bf16 / fp16 runs the forward pass under autocast (fp16 with
+    ``scaler``); on the CPU, bf16 is applied to the output layer by the model itself.
     """
+    device = device or batch.src.device
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
     optimizer.zero_grad(set_to_none=True)
     try:
-        logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=t.teacher_forcing)
-        loss = sequence_loss(logits, batch.tgt_out, t.label_smoothing)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and device.type == "cuda"):
+            logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=t.teacher_forcing)
+            loss = sequence_loss(logits.float(), batch.tgt_out, t.label_smoothing)
         if any_rank(not torch.isfinite(loss).item(), ctx, device):
             log.warning("skipping a batch whose loss is %s", loss.item())
             return None
-        (loss / batch.num_tgt_tokens).backward()
+        scaled = loss / batch.num_tgt_tokens
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
     except torch.cuda.OutOfMemoryError:
         log.warning("out of GPU memory on a batch of %d sentences (%d target tokens): skipped",
                     batch.src.size(0), batch.num_tgt_tokens)
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         return None
+    if scaler is not None:  # fp16: the scaler skips steps with inf gradients and lowers its scale
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.item()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
     if not torch.isfinite(norm):
         log.warning("skipping a batch whose gradient norm is %s", norm.item())
@@ -237,9 +253,13 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).to(device)
     log.info("model: %s, %.2fM parameters", cfg.model.attention, sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer, scheduler = build_optimizer(model, cfg)
+    if t.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    model.decoder.bf16_output = t.precision == "bf16" and device.type == "cpu"
     progress = Progress()
     if resuming:
-        progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_path, progress.step,
                  progress.epoch, progress.batch_in_epoch)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
@@ -290,7 +310,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
         tqdm.write(f"step {progress.step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f} "
                    f"BLEU {score.score:.2f}{' (best)' if improved else ''}")
         progress.elapsed = time.monotonic() - start_time
-        save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress)
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, scaler)
         return score.score, bool(t.patience and progress.bad_validations >= t.patience)
 
     model.train()
@@ -304,7 +324,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
         for group in batches[progress.batch_in_epoch:]:
             batch = make_batch([train_src[i] for i in group], [train_tgt[i] for i in group]).to(device)
             progress.batch_in_epoch += 1
-            loss = train_step(net, batch, optimizer, t, ctx, device)
+            loss = train_step(net, batch, optimizer, t, ctx, device, scaler)
             if loss is None:  # skipped: not finite, or out of GPU memory
                 bad_in_a_row += 1
                 progress.skipped_steps += 1
@@ -334,7 +354,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
                 stop = validate()
             elif t.checkpoint_every and progress.step % t.checkpoint_every == 0 and ctx.is_main:
                 progress.elapsed = time.monotonic() - start_time
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress)
+                save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, scaler)
             if stop or out_of_budget():
                 break
         else:

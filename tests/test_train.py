@@ -52,3 +52,13 @@ def test_only_the_last_and_best_checkpoints_are_kept(tmp_path):
     best = {r["step"] for r in sorted(history, key=lambda r: -r["valid_bleu"])[:2]}
     expected = {f"step-{s}.safetensors" for s in best | {10, 12}}
     assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == expected
+
+
+def test_bf16_precision_trains_on_the_cpu_and_fp16_is_refused(tmp_path):
+    summary = train(tiny_config(trainer=dict(precision="bf16", max_steps=4, valid_every=4)), tmp_path / "bf16")
+    assert summary["steps"] == 4
+    history = [json.loads(line) for line in (tmp_path / "bf16" / "validations.jsonl").read_text().splitlines()]
+    assert history[-1]["valid_loss"] < 10
+    from seq2seq.config import ConfigError
+    with pytest.raises(ConfigError, match="trainer.precision=fp16 needs a CUDA device"):
+        train(tiny_config(trainer=dict(precision="fp16")), tmp_path / "fp16")

@@ -59,6 +59,7 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dec_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
+        self.bf16_output = False  # a run-time choice (trainer.precision=bf16 on the CPU), not saved
         if cfg.bridge == "learned":
             self.bridge = nn.Linear(enc_size, dec_size)
             self.bridge_cell = nn.Linear(enc_size, dec_size) if cfg.cell == "lstm" else None
@@ -100,7 +101,10 @@ class Decoder(nn.Module):
         return self.emb_dropout(self.embedding(tokens))
 
     def project(self, pre_output: torch.Tensor) -> torch.Tensor:
-        """pre-output vectors [..., D] -> logits [..., V]"""
+        """pre-output vectors [..., D] -> logits [..., V] (float32)"""
+        if self.bf16_output and pre_output.device.type == "cpu":  # the largest matrix product, in bfloat16
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.output(self.dropout(pre_output)).float()
         return self.output(self.dropout(pre_output))
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
