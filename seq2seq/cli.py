@@ -64,6 +64,8 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default 64)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="int8 dynamic quantisation of linear and GRU/LSTM layers (CPU only)")
 
 
 def load_translator(args: argparse.Namespace):
@@ -75,7 +77,8 @@ def load_translator(args: argparse.Namespace):
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return Translator.from_dirs(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
-                                max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size)
+                                max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
+                                quantize=args.quantize)
 
 
 def one_line(text: str) -> str:

@@ -36,3 +36,17 @@ def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of the linear and GRU / LSTM layers, for CPU inference.
+
+    Weights are stored in int8 and activations quantised on the fly; vanilla-RNN layers and
+    embeddings stay in float32.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # torch marks the quantized tensor API as deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM}, dtype=torch.qint8)

@@ -2,6 +2,7 @@
 import io
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,3 +59,12 @@ def test_input_is_streamed_in_bounded_chunks(translator):
     for _ in range(20):
         next(stream)
     assert consumed <= 32  # two chunks read, not the whole (endless) input
+
+
+def test_int8_quantised_translator_translates(translator):
+    quantised = Translator(translator.bundle, translator.search_cfg, device="cpu", quantize=True)
+    lines = ["The dog sees the cat.", "", "Two old men will buy a red car."]
+    out = quantised.translate(lines)
+    assert len(out) == 3 and out[1][0].text == ""
+    assert type(quantised.model.decoder.output).__module__.startswith("torch.ao.nn.quantized")
+    assert type(translator.model.decoder.output) is torch.nn.Linear  # the original model is untouched
