@@ -23,7 +23,8 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
 
 
-def nan_after(calls_ok: int, monkeypatch):
+def nan_on(bad_calls, monkeypatch):
+    """Make the training loss NaN on the given training calls (counted from 1; validation untouched)."""
     real, calls = train_module.sequence_loss, []
 
     def flaky(*args, **kwargs):
@@ -31,22 +32,13 @@ def nan_after(calls_ok: int, monkeypatch):
         if not torch.is_grad_enabled():  # validation
             return loss
         calls.append(1)
-        return loss * float("nan") if len(calls) > calls_ok else loss
+        return loss * float("nan") if bad_calls(len(calls)) else loss
 
     monkeypatch.setattr(train_module, "sequence_loss", flaky)
 
 
 def test_a_few_nan_batches_are_skipped_and_counted(tmp_path, monkeypatch):
-    real, calls = train_module.sequence_loss, []
-
-    def two_bad(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        if not torch.is_grad_enabled():  # validation
-            return loss
-        calls.append(1)
-        return loss * float("nan") if len(calls) in (3, 4) else loss
-
-    monkeypatch.setattr(train_module, "sequence_loss", two_bad)
+    nan_on(lambda call: call in (3, 4), monkeypatch)
     summary = train(tiny_config(trainer=dict(max_steps=6, valid_every=6)), tmp_path)
     assert summary["steps"] == 6
     assert json.loads((tmp_path / "manifest.json").read_text())["skipped_steps"] == 2
@@ -54,7 +46,7 @@ def test_a_few_nan_batches_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_nan_in_a_row_stops_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
-    nan_after(4, monkeypatch)
+    nan_on(lambda call: call > 4, monkeypatch)
     with pytest.raises(TrainingError, match=r"NaN/inf for 5 batches in a row at step 4; the last good checkpoint"):
         train(tiny_config(trainer=dict(max_steps=20, valid_every=2, max_bad_steps=5)), tmp_path)
     state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
