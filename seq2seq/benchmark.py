@@ -94,7 +94,8 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, queue) -> N
                "train_peak_rss_mib": _peak_rss_mib()})
 
 
-def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sentences: int, queue) -> None:
+def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sentences: int, variant: str,
+                  queue) -> None:
     from seq2seq.data import load_split
     from seq2seq.metrics import bleu
     from seq2seq.runtime import set_threads
@@ -102,13 +103,14 @@ def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sent
 
     set_threads(threads)
     translator = Translator.from_dir(model_dir, device="cpu", beam_size=beam, batch_size=batch_size,
-                                     alpha=1.0 if beam > 1 else 0.0)
+                                     alpha=1.0 if beam > 1 else 0.0, bf16=variant == "bf16",
+                                     quantize=variant == "int8")
     data = translator.bundle.config.data
     pairs = load_split(data, data.test_split)[:sentences]
     start = time.perf_counter()
     hyps = [n[0].text for n in translator.translate([s for s, _ in pairs])]
     seconds = time.perf_counter() - start
-    queue.put({"beam": beam, "batch_size": batch_size, "sentences_per_s": len(pairs) / seconds,
+    queue.put({"beam": beam, "batch_size": batch_size, "variant": variant, "sentences_per_s": len(pairs) / seconds,
                "bleu": bleu(hyps, [r for _, r in pairs]).score, "peak_rss_mib": _peak_rss_mib()})
 
 
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--beams", default="1,5")
     parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--decode-variants", default="fp32",
+                        help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation)")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args(argv)
     result = {"threads": args.threads, "overrides": args.overrides, "torch": torch.__version__,
@@ -142,10 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         result["fraction_of_matmul_rate"] = achieved / result["matmul_gflops"]
     decoding = []
     if args.model:
-        for beam in map(int, args.beams.split(",")):
-            for batch_size in map(int, args.batch_sizes.split(",")):
-                decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
-                                             args.sentences))
+        for variant in args.decode_variants.split(","):
+            for beam in map(int, args.beams.split(",")):
+                for batch_size in map(int, args.batch_sizes.split(",")):
+                    decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
+                                                 args.sentences, variant))
     result["decoding"] = decoding
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"| figure | value |\n|---|---|\n| matmul fp32 2048³ | {result['matmul_gflops']:.0f} GFLOP/s |")
@@ -156,6 +161,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| share of the matmul rate | {result['fraction_of_matmul_rate']:.0%} |")
         print(f"| peak memory, training | {result['train_peak_rss_mib'] / 1024:.2f} GiB |")
     for d in decoding:
-        print(f"| decoding beam {d['beam']}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
+        print(f"| decoding {d['variant']} beam {d['beam']}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
               f"{d['sentences_per_s']:.0f}, {d['bleu']:.2f}, {d['peak_rss_mib'] / 1024:.2f} GiB |")
     print(f"(written to {args.out})")

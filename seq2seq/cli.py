@@ -66,6 +66,8 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantisation of linear and GRU/LSTM layers (CPU only)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="compute the output layer in bfloat16 on the CPU (fast with AMX / AVX512-BF16)")
 
 
 def load_translator(args: argparse.Namespace):
@@ -78,7 +80,7 @@ def load_translator(args: argparse.Namespace):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return Translator.from_dirs(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
-                                quantize=args.quantize)
+                                quantize=args.quantize, bf16=args.bf16)
 
 
 def one_line(text: str) -> str:

@@ -25,6 +25,7 @@ from seq2seq.batch import make_batch, sentence_batches
 from seq2seq.checkpoint import Bundle, ModelDirError, load_bundle
 from seq2seq.config import ConfigError, SearchConfig
 from seq2seq.ensemble import load_ensemble
+from seq2seq.models.decoder import Decoder
 from seq2seq.runtime import quantize_int8, resolve_device
 from seq2seq.search import Hypothesis, search
 
@@ -60,7 +61,7 @@ class Translation:
 
 class Translator:
     def __init__(self, bundle: Bundle, search_cfg: Optional[SearchConfig] = None, device: str = "auto",
-                 quantize: bool = False):
+                 quantize: bool = False, bf16: bool = False):
         self.device = resolve_device(device)
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
@@ -68,6 +69,9 @@ class Translator:
             if self.device.type != "cpu":
                 raise ConfigError("int8 quantisation runs on the CPU only: add --device cpu")
             self.model = quantize_int8(self.model)
+        for module in self.model.modules():  # the output layer in bfloat16 (CPU), as trainer.precision=bf16
+            if isinstance(module, Decoder):
+                module.bf16_output = bf16
         self.search_cfg = search_cfg or bundle.config.search
         self.search_cfg.validate()
         self.max_src_len = bundle.config.data.truncate_len
@@ -87,10 +91,10 @@ class Translator:
 
     @classmethod
     def _with_defaults(cls, bundle: Bundle, model_dir: str | Path, device: str, overrides: dict) -> "Translator":
-        quantize = bool(overrides.pop("quantize", False))
+        quantize, bf16 = bool(overrides.pop("quantize", False)), bool(overrides.pop("bf16", False))
         search_cfg = read_search_defaults(model_dir, bundle.config.search)
         search_cfg = replace(search_cfg, **{k: v for k, v in overrides.items() if v is not None})
-        return cls(bundle, search_cfg, device, quantize)
+        return cls(bundle, search_cfg, device, quantize, bf16)
 
     def translate(self, lines: list[str], n_best: int = 1, return_attention: bool = False) -> list[list[Translation]]:
         """Translate a list of lines; each gets an n-best list (best first)."""
