@@ -116,3 +116,33 @@ def test_an_interrupted_save_leaves_the_previous_model_whole(tmp_path, monkeypat
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
     load_bundle(tmp_path / "run" / "model")
+
+
+def test_same_seed_and_config_give_identical_weights(tmp_path):
+    cfg = tiny_config(trainer=dict(max_steps=4, valid_every=4))
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["seed"] == 42 and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["data"] == {"source": "builtin", "builtin_size": 300}
+
+
+def test_out_of_memory_on_one_batch_skips_it(tmp_path, monkeypatch):
+    """The GPU out-of-memory path, driven on the CPU by raising the same exception once."""
+    from seq2seq.models.seq2seq import Seq2Seq
+
+    real_forward, calls = Seq2Seq.forward, []
+
+    def forward_once_oom(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Seq2Seq, "forward", forward_once_oom)
+    summary = train(tiny_config(trainer=dict(max_steps=4, valid_every=4)), tmp_path)
+    assert summary["steps"] == 4 and len(calls) == 5
+    assert json.loads((tmp_path / "manifest.json").read_text())["skipped_steps"] == 1
