@@ -53,18 +53,15 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def allowed_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [R, V] -> (float32 logits with PAD and BOS at -inf, log-normalisers [R]).
+def allowed_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] -> float32 log-probabilities with PAD and BOS (never outputs) at -inf.
 
-    log-probability = logit - normaliser. Working on the logits saves writing and reading a second
-    [R, V] tensor of log-probabilities at every step; the normaliser is taken before the bans, so
-    scores are the model's own log-probabilities.
+    (One fused log_softmax pass; torch.logsumexp on the CPU makes several and was 3x slower here.)
     """
-    logits = logits.float()
-    log_norm = torch.logsumexp(logits, dim=-1)
-    logits[:, PAD_ID] = NEG_INF  # never outputs
-    logits[:, BOS_ID] = NEG_INF
-    return logits, log_norm
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs[:, PAD_ID] = NEG_INF
+    log_probs[:, BOS_ID] = NEG_INF
+    return log_probs
 
 
 def has_constraints(cfg: SearchConfig) -> bool:
@@ -72,7 +69,7 @@ def has_constraints(cfg: SearchConfig) -> bool:
 
 
 def ban_tokens(log_probs: torch.Tensor, history: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
-    """Set banned tokens to -inf in place. log_probs [R, V] (or logits); history [R, t] tokens
+    """Set banned tokens to -inf in place. log_probs [R, V]; history [R, t] tokens
     generated so far (BOS excluded). Returns log_probs."""
     if cfg.forbid_unk:
         log_probs[:, UNK_ID] = NEG_INF
@@ -104,12 +101,11 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchCo
     step = 0
     while active.numel():
         logits, state, attn = model.step(prev, state, enc)
-        logits, log_norm = allowed_logits(logits)
+        log_probs = allowed_log_probs(logits)
         if has_constraints(cfg):  # every live sentence has generated exactly `step` tokens
             history = torch.tensor([tokens[s] for s in active.tolist()], dtype=torch.long, device=src.device)
-            ban_tokens(logits, history.view(active.numel(), step), cfg)
-        best_logit, best = logits.max(dim=-1)
-        best_score = best_logit - log_norm
+            ban_tokens(log_probs, history.view(active.numel(), step), cfg)
+        best_score, best = log_probs.max(dim=-1)
         step += 1
         finished = (best == EOS_ID) | (limit[active] <= step)
         for row, (sentence, token, score) in enumerate(zip(active.tolist(), best.tolist(), best_score.tolist())):
@@ -141,17 +137,16 @@ def _make_hypothesis(tokens: list[int], score: float, steps: int, attention: Opt
     return Hypothesis(tokens, score, attention, score / length_penalty(steps, alpha))
 
 
-def _top_candidates(scores: torch.Tensor, logits: torch.Tensor, log_norm: torch.Tensor, k: int):
-    """scores [b, K], logits [b*K, V] with their log-normalisers [b*K] -> the 2K best extensions per
-    sentence, best first: (scores [b, 2K], parent beams [b, 2K], tokens [b, 2K]).
+def _top_candidates(scores: torch.Tensor, log_probs: torch.Tensor, k: int):
+    """scores [b, K], log_probs [b*K, V] -> the 2K best extensions per sentence, best first:
+    (scores [b, 2K], parent beams [b, 2K], tokens [b, 2K]).
 
     Each of a sentence's 2K best extensions is among its parent beam's 2K best tokens, so only
     those [b, K, 2K] are scored, instead of all K * V.
     """
-    b, vocab = scores.size(0), logits.size(-1)
+    b, vocab = scores.size(0), log_probs.size(-1)
     width = min(2 * k, vocab)
-    row_logits, row_tokens = logits.topk(width, dim=-1)  # [b*K, 2K]
-    row_scores = row_logits - log_norm[:, None]  # log-probabilities
+    row_scores, row_tokens = log_probs.topk(width, dim=-1)  # [b*K, 2K]
     total = (scores.unsqueeze(2) + row_scores.view(b, k, width)).view(b, k * width)
     cand_scores, index = total.topk(min(2 * k, k * width), dim=1)  # [b, 2K]
     return cand_scores, torch.div(index, width, rounding_mode="floor"), row_tokens.view(b, k * width).gather(1, index)
@@ -191,14 +186,14 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     while active:
         logits, state, attn = model.step(prev, state, enc)  # logits [b*K, V], attn [b*K, S] or None
         b = len(active)
-        logits, log_norm = allowed_logits(logits)  # [b*K, V], [b*K]
+        log_probs = allowed_log_probs(logits)  # [b*K, V]
         if has_constraints(cfg):
-            ban_tokens(logits, history.view(b * k, t), cfg)
+            ban_tokens(log_probs, history.view(b * k, t), cfg)
         t += 1
         if return_attention and attn is not None:  # still indexed by parent beam: [b, K, t, S]
             step_attn = attn.float().view(b, k, 1, -1)
             attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 2)
-        cand_scores, cand_beams, cand_tokens = _top_candidates(scores, logits, log_norm, k)  # each [b, 2K]
+        cand_scores, cand_beams, cand_tokens = _top_candidates(scores, log_probs, k)  # each [b, 2K]
 
         # finish the EOS candidates among the top K
         eos = (cand_tokens[:, :k] == EOS_ID) & (cand_scores[:, :k] > NEG_INF)  # [b, K]
