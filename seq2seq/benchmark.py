@@ -16,7 +16,6 @@ import multiprocessing as mp
 import resource
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ def train_main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from seq2seq.config import to_config
+    from seq2seq.resume import ResumeError
     from seq2seq.train import TrainingError, train
 
     if not CONF_DIR.is_dir():
@@ -44,7 +44,7 @@ def train_main() -> None:
         try:
             config = to_config(cfg)
             summary = train(config, HydraConfig.get().runtime.output_dir)
-        except (*USER_ERRORS, TrainingError) as err:
+        except (*USER_ERRORS, TrainingError, ResumeError) as err:
             fail(str(err))
         except KeyboardInterrupt:
             fail("interrupted; resume with trainer.resume=true and the same hydra.run.dir")

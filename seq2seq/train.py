@@ -13,26 +13,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from seq2seq.batch import make_batch, token_batches
-from seq2seq.checkpoint import Bundle, atomic_torch_save, atomic_write_bytes, load_bundle, save_bundle
+from seq2seq.checkpoint import Bundle, atomic_write_bytes, load_bundle, save_bundle
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import DataError, filter_by_length, load_split
 from seq2seq.distributed import DistContext, any_rank, barrier, broadcast, init_distributed, shard, shutdown
 from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
+from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, save_checkpoint
 from seq2seq.runtime import resolve_device, set_seed, set_threads
 from seq2seq.tokenizer import Tokenizer, train_tokenizers
 from seq2seq.translate import Translator
@@ -42,21 +40,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example: a resume was asked for but there is no checkpoint)."""
-
-
-@dataclass
-class Progress:
-    """Counters that a checkpoint carries so a resumed run continues exactly where it stopped."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of the current epoch already trained on
-    best_bleu: float = -1.0
-    best_step: int = 0
-    bad_validations: int = 0  # validations since BLEU last improved
-    elapsed: float = 0.0  # training seconds before this process started
-    skipped_steps: int = 0  # batches skipped for a NaN/inf loss or running out of GPU memory
-    history: list = field(default_factory=list)
 
 
 # --- set-up ----------------------------------------------------------------------------------
@@ -100,58 +83,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config):
     else:
         scheduler = None
     return optimizer, scheduler
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress, scaler=None) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "progress": {k: v for k, v in vars(progress).items() if k != "history"},
-        "history": json.dumps(progress.history),
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_python": json.dumps(random.getstate()),
-    }
-    atomic_torch_save(state, path)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Progress:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-    except Exception as err:  # a damaged file surfaces as many different torch errors
-        raise TrainingError(f"{path}: cannot resume from this checkpoint ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
-    torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    version, internal, gauss = json.loads(state["rng_python"])
-    random.setstate((version, tuple(internal), gauss))
-    return Progress(**state["progress"], history=json.loads(state["history"]))
-
-
-def keep_step_weights(directory: Path, model, progress: Progress, keep: int) -> None:
-    """Save this step's weights as checkpoints/step-N.safetensors; keep only the last and the best ``keep``."""
-    if keep <= 0:
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step-{progress.step}.safetensors"
-    tmp = directory / f".{path.name}.tmp"
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
-    last = [r["step"] for r in progress.history[-keep:]]
-    best = [r["step"] for r in sorted(progress.history, key=lambda r: -r["valid_bleu"])[:keep]]
-    for old in directory.glob("step-*.safetensors"):
-        if int(old.stem.split("-")[1]) not in set(last) | set(best):
-            old.unlink()
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -232,6 +163,8 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     if t.resume and not resuming:
         raise TrainingError(f"trainer.resume=true but {checkpoint_path} does not exist; "
                             "point hydra.run.dir at the run to resume")
+    if t.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
     set_threads(t.threads)
     set_seed(t.seed)
 
@@ -253,8 +186,6 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).to(device)
     log.info("model: %s, %.2fM parameters", cfg.model.attention, sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer, scheduler = build_optimizer(model, cfg)
-    if t.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     model.decoder.bf16_output = t.precision == "bf16" and device.type == "cpu"
     progress = Progress()

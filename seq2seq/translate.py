@@ -69,9 +69,9 @@ class Translator:
             if self.device.type != "cpu":
                 raise ConfigError("int8 quantisation runs on the CPU only: add --device cpu")
             self.model = quantize_int8(self.model)
-        for module in self.model.modules():  # the output layer in bfloat16 (CPU), as trainer.precision=bf16
+        for module in self.model.modules() if bf16 else ():  # the output layer in bfloat16 (CPU)
             if isinstance(module, Decoder):
-                module.bf16_output = bf16
+                module.bf16_output = True
         self.search_cfg = search_cfg or bundle.config.search
         self.search_cfg.validate()
         self.max_src_len = bundle.config.data.truncate_len
@@ -98,7 +98,7 @@ class Translator:
 
     def translate(self, lines: list[str], n_best: int = 1, return_attention: bool = False) -> list[list[Translation]]:
         """Translate a list of lines; each gets an n-best list (best first)."""
-        src_tok, tgt_tok = self.bundle.src_tokenizer, self.bundle.tgt_tokenizer
+        src_tok = self.bundle.src_tokenizer
         results: list[list[Translation]] = [[] for _ in lines]
         todo = [i for i, line in enumerate(lines) if line.strip()]
         ids = src_tok.encode([lines[i].strip() for i in todo])

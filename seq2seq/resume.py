@@ -1,0 +1,88 @@
+"""Training state for exact resume: ``checkpoint.pt`` and the kept step weights.
+
+``checkpoint.pt`` holds only tensors and plain values (read with ``torch.load(weights_only=True)``):
+model, optimiser, scheduler and gradient-scaler states, every random state, and the progress
+counters, so a resumed run reaches the same weights as one that was never stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from seq2seq.checkpoint import atomic_torch_save
+
+
+class ResumeError(RuntimeError):
+    """A training checkpoint cannot be read back."""
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries so a resumed run continues exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_validations: int = 0  # validations since BLEU last improved
+    elapsed: float = 0.0  # training seconds before this process started
+    skipped_steps: int = 0  # batches skipped for a NaN/inf loss or running out of GPU memory
+    history: list = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress, scaler=None) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "progress": {k: v for k, v in vars(progress).items() if k != "history"},
+        "history": json.dumps(progress.history),
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_python": json.dumps(random.getstate()),
+    }
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Progress:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except Exception as err:  # a damaged file surfaces as many different torch errors
+        raise ResumeError(f"{path}: cannot resume from this checkpoint ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    version, internal, gauss = json.loads(state["rng_python"])
+    random.setstate((version, tuple(internal), gauss))
+    return Progress(**state["progress"], history=json.loads(state["history"]))
+
+
+def keep_step_weights(directory: Path, model, progress: Progress, keep: int) -> None:
+    """Save this step's weights as checkpoints/step-N.safetensors; keep only the last and the best ``keep``."""
+    if keep <= 0:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{progress.step}.safetensors"
+    tmp = directory / f".{path.name}.tmp"
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+    last = [r["step"] for r in progress.history[-keep:]]
+    best = [r["step"] for r in sorted(progress.history, key=lambda r: -r["valid_bleu"])[:keep]]
+    for old in directory.glob("step-*.safetensors"):
+        if int(old.stem.split("-")[1]) not in set(last) | set(best):
+            old.unlink()
