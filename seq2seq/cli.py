@@ -5,6 +5,7 @@ Errors a user can fix are printed as one line (``error: ...``) with exit status 
 from __future__ import annotations
 
 import argparse
+import codecs
 import io
 import logging
 import sys
@@ -83,6 +84,24 @@ def load_translator(args: argparse.Namespace):
                                 quantize=args.quantize, bf16=args.bf16)
 
 
+class InvalidUtf8Counter:
+    """A codecs error handler: replaces invalid UTF-8 with U+FFFD, warns once, counts the rest."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, err: UnicodeDecodeError) -> tuple[str, int]:
+        if self.count == 0:
+            log.warning("invalid UTF-8 in the input is replaced by U+FFFD")
+        self.count += 1
+        return "\ufffd", err.end
+
+
+INVALID_UTF8 = "seq2seq-invalid-utf8"
+invalid_utf8 = InvalidUtf8Counter()
+codecs.register_error(INVALID_UTF8, invalid_utf8)
+
+
 def one_line(text: str) -> str:
     """The text with every line separator (``str.splitlines`` knows eleven) turned into a space."""
     return " ".join(text.splitlines()) if text else text
@@ -110,9 +129,9 @@ def translate_main(argv: list[str] | None = None) -> None:
         if args.input:
             if not Path(args.input).is_file():
                 fail(f"{args.input}: input file not found")
-            source = open(args.input, encoding="utf-8", errors="replace", newline="\n")
+            source = open(args.input, encoding="utf-8", errors=INVALID_UTF8, newline="\n")
         else:
-            source = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n")
+            source = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors=INVALID_UTF8, newline="\n")
         sink = (open(args.output, "w", encoding="utf-8", newline="\n") if args.output
                 else io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", line_buffering=False))
         with source, sink, attention:
@@ -126,6 +145,8 @@ def translate_main(argv: list[str] | None = None) -> None:
                         sink.write(f"{index}\t{hyp.score:.4f}\t{one_line(hyp.text)}\n")
     except (*USER_ERRORS, AlignmentError) as err:
         fail(str(err))
+    if invalid_utf8.count:
+        log.warning("%d invalid UTF-8 sequences were replaced", invalid_utf8.count)
 
 
 # --- evaluate ----------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def test_translate_keeps_one_line_per_input_line(model_dir, tmp_path):
     assert out[-1] == "" and len(out) - 1 == len(lines) + 2
     assert out[1] == "" and out[2] == ""
     assert b"source pieces; only the first" in result.stderr  # the over-long line was cut, with a warning
+    assert b"invalid UTF-8 in the input is replaced by U+FFFD" in result.stderr
+    assert b"2 invalid UTF-8 sequences were replaced" in result.stderr  # \xff and \xfe
     (tmp_path / "in.txt").write_text("A dog.\n\nA cat.\n")
     run("translate.py", "--model", str(model_dir), "--input", str(tmp_path / "in.txt"), "--output",
         str(tmp_path / "out.txt"))
