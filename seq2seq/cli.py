@@ -60,6 +60,11 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                         help="model directory written by training; several make an ensemble (same vocabularies)")
     parser.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's)")
     parser.add_argument("--alpha", type=float, default=None, help="GNMT length penalty alpha")
+    parser.add_argument("--length-penalty", choices=("gnmt", "average"), default=None,
+                        help="gnmt (with --alpha) or average (score / length)")
+    parser.add_argument("--min-len", type=int, default=None, help="no end of sentence before this many tokens")
+    parser.add_argument("--no-repeat-ngram", type=int, default=None, help="never repeat an n-gram of this size")
+    parser.add_argument("--forbid-unk", action="store_true", default=None, help="never output <unk>")
     parser.add_argument("--max-len-a", type=float, default=None, help="max output length = a * source length + b")
     parser.add_argument("--max-len-b", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default 64)")
@@ -81,6 +86,8 @@ def load_translator(args: argparse.Namespace):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return Translator.from_dirs(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
+                                length_penalty=args.length_penalty, min_len=args.min_len,
+                                no_repeat_ngram=args.no_repeat_ngram, forbid_unk=args.forbid_unk,
                                 quantize=args.quantize, bf16=args.bf16)
 
 
@@ -113,7 +120,8 @@ def translate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", help="input file (default: standard input)")
     parser.add_argument("--output", help="output file (default: standard output)")
     parser.add_argument("--n-best", type=int, default=1,
-                        help="with N > 1, write N lines per input: index<TAB>score<TAB>translation")
+                        help="with N > 1, write up to N lines per input line (one for an empty line): "
+                             "index<TAB>score<TAB>translation, best first")
     parser.add_argument("--attention-json", metavar="FILE",
                         help="write each line's attention (of the best translation) as JSON lines")
     parser.add_argument("--attention-png", metavar="DIR", help="draw each line's attention as DIR/{index}.png")

@@ -139,6 +139,7 @@ class DataConfig:
 class SearchConfig:
     beam_size: int = 1  # 1 = greedy
     alpha: float = 0.0  # GNMT length penalty; 0 = raw log-probability
+    length_penalty: str = "gnmt"  # gnmt (uses alpha) | average (score / length)
     max_len_a: float = 1.5  # max output length = a * source length + b
     max_len_b: int = 10
     batch_size: int = 64  # sentences per decoding batch
@@ -148,6 +149,7 @@ class SearchConfig:
 
     def validate(self) -> None:
         _check_positive("search.beam_size", self.beam_size)
+        _check_choice("search.length_penalty", self.length_penalty, ("gnmt", "average"))
         _check_positive("search.min_len", self.min_len, allow_zero=True)
         _check_positive("search.no_repeat_ngram", self.no_repeat_ngram, allow_zero=True)
         _check_positive("search.batch_size", self.batch_size)

@@ -23,7 +23,7 @@ which sentences share the batch, and they equal those of running every beam to i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,6 +51,14 @@ def max_lengths(src_len: torch.Tensor, cfg: SearchConfig) -> torch.Tensor:
 def length_penalty(length: int, alpha: float) -> float:
     """GNMT length penalty ((5 + length) / 6) ** alpha; the normalized score is score / penalty."""
     return ((5.0 + length) / 6.0) ** alpha
+
+
+def penalty_of(cfg: SearchConfig) -> Callable[[int], float]:
+    """The divisor of a hypothesis's score by its length: GNMT's with cfg.alpha, or the length itself
+    (``average``: the mean log-probability per token). Both grow with length, which the stopping rule needs."""
+    if cfg.length_penalty == "average":
+        return float
+    return lambda length: length_penalty(length, cfg.alpha)
 
 
 def allowed_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -131,10 +139,10 @@ def _add_finished(found: list[Hypothesis], hyp: Hypothesis, keep: int) -> None:
 
 
 def _make_hypothesis(tokens: list[int], score: float, steps: int, attention: Optional[torch.Tensor],
-                     src_len: int, alpha: float) -> Hypothesis:
+                     src_len: int, penalty: Callable[[int], float]) -> Hypothesis:
     """tokens without EOS; steps = generated tokens, EOS included; attention [steps, S] or None."""
     attention = None if attention is None else attention[:, :src_len].cpu()
-    return Hypothesis(tokens, score, attention, score / length_penalty(steps, alpha))
+    return Hypothesis(tokens, score, attention, score / penalty(steps))
 
 
 def _top_candidates(scores: torch.Tensor, log_probs: torch.Tensor, k: int):
@@ -171,6 +179,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
         raise ValueError(f"n_best={n_best} must be at least 1")
     batch, k, device = src.size(0), cfg.beam_size, src.device
     keep = max(k, n_best)  # finished hypotheses kept per sentence; the stopping rule waits for this many
+    penalty = penalty_of(cfg)
     enc = model.encode(src, src_len)
     beams = torch.arange(batch, device=device).repeat_interleave(k)  # [B*K] sentence of each row
     enc, state = enc.select(beams), model.init_state(enc).select(beams)
@@ -205,7 +214,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
             for i, (row, score) in enumerate(zip(rows.tolist(), cand_scores[rows, cols].tolist())):
                 sentence = active[row]
                 hyp = _make_hypothesis(eos_tokens[i], score, t, None if eos_attn is None else eos_attn[i],
-                                       lengths[sentence], cfg.alpha)
+                                       lengths[sentence], penalty)
                 _add_finished(found[sentence], hyp, keep)
 
         # the K best non-EOS candidates continue
@@ -217,7 +226,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
         if attn_history is not None:
             attn_history = attn_history.view(b * k, t, -1)[rows_flat].view(b, k, t, -1)
 
-        done = _finish_sentences(active, found, scores, history, attn_history, limits, lengths, t, cfg.alpha, keep)
+        done = _finish_sentences(active, found, scores, history, attn_history, limits, lengths, t, penalty, keep)
         if all(done):
             break
         kept = torch.tensor([row for row in range(b) if not done[row]], dtype=torch.long, device=device)
@@ -234,7 +243,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
 
 def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: torch.Tensor,
                       history: torch.Tensor, attn_history: Optional[torch.Tensor], limits: list[int],
-                      lengths: list[int], t: int, alpha: float, keep: int) -> list[bool]:
+                      lengths: list[int], t: int, penalty: Callable[[int], float], keep: int) -> list[bool]:
     """Decide which sentences stop after step t; those at their maximum length finish their live beams
     as they are. scores [b, K] (best first), history [b, K, t], attn_history [b, K, t, S] or None."""
     all_scores = scores.tolist()
@@ -242,7 +251,7 @@ def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: 
     for row, sentence in enumerate(active):
         hyps, at_limit = found[sentence], t >= limits[sentence]
         # the best normalized score any live hypothesis could still reach (scores are <= 0)
-        bound = all_scores[row][0] / length_penalty(limits[sentence], alpha)
+        bound = all_scores[row][0] / penalty(limits[sentence])
         worst = hyps[keep - 1].normalized_score if len(hyps) >= keep else NEG_INF
         stop = at_limit or bound <= worst
         if stop and (at_limit or not hyps):  # at the limit, or every beam dead (all tokens banned)
@@ -250,7 +259,7 @@ def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: 
             for beam, score in enumerate(all_scores[row]):
                 if (score > NEG_INF and at_limit) or (beam == 0 and not hyps):  # always at least one
                     attention = attn_history[row, beam] if attn_history is not None else None
-                    hyp = _make_hypothesis(row_tokens[beam], score, t, attention, lengths[sentence], alpha)
+                    hyp = _make_hypothesis(row_tokens[beam], score, t, attention, lengths[sentence], penalty)
                     _add_finished(hyps, hyp, keep)
         done.append(stop)
     return done

@@ -355,3 +355,16 @@ def test_constraints_on_a_real_model():
     model = make_model("gru", "bahdanau", eos_bias=2.0)  # short outputs
     assert min(len(tokens) for tokens in decode_all(model, batch)) < 3
     assert min(len(tokens) for tokens in decode_all(model, batch, min_len=3)) >= 3
+
+
+def test_average_length_penalty_ranks_by_mean_log_probability():
+    model = make_model("gru", "bahdanau", eos_bias=1.0)
+    batch = random_sources(8)
+    cfg = SearchConfig(beam_size=4, length_penalty="average", max_len_a=1.0, max_len_b=3)
+    limits = max_lengths(batch.src_len, cfg).tolist()
+    for i, hyps in enumerate(beam_search(model, batch.src, batch.src_len, cfg, n_best=4)):
+        for h in hyps:
+            assert h.normalized_score == pytest.approx(h.score / steps_of(h, limits[i]), abs=1e-6)
+        assert [h.normalized_score for h in hyps] == sorted((h.normalized_score for h in hyps), reverse=True)
+    with pytest.raises(ConfigError, match="search.length_penalty='median' is not one of gnmt, average"):
+        SearchConfig(length_penalty="median").validate()
