@@ -8,6 +8,7 @@ import argparse
 import codecs
 import io
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def train_main() -> None:
             fail(str(err))
         except KeyboardInterrupt:
             fail("interrupted; resume with trainer.resume=true and the same hydra.run.dir")
-        print(f"model directory: {summary['model_dir']}")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
+            print(f"model directory: {summary['model_dir']}")
 
     run()
 
