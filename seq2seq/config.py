@@ -253,6 +253,18 @@ def to_config(cfg: DictConfig | dict) -> Config:
     return config.validate()
 
 
+def merge_into(base, values, source: str):
+    """A copy of the config dataclass ``base`` with the mapping ``values`` merged in, type-checked and
+    validated; a bad key or value is a ConfigError naming ``source``."""
+    try:
+        merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), values))
+    except OmegaConfBaseException as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{source}: {first}") from None
+    merged.validate()
+    return merged
+
+
 def config_from_dict(values: dict) -> Config:
     """Rebuild a Config saved with :meth:`Config.to_dict` (used when loading a model directory)."""
     return to_config(OmegaConf.create(values))

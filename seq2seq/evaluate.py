@@ -10,7 +10,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from seq2seq.checkpoint import atomic_write_bytes
-from seq2seq.config import ConfigError, DataConfig
+from seq2seq.config import ConfigError, DataConfig, merge_into
 from seq2seq.data import load_split, read_text_pair
 from seq2seq.metrics import bleu, chrf
 from seq2seq.translate import Translator
@@ -23,13 +23,7 @@ def load_data_config(base: DataConfig, data_yaml: Optional[str]) -> DataConfig:
         raise ConfigError(f"{data_yaml}: data config not found")
     values = OmegaConf.load(data_yaml)
     values.pop("defaults", None)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), values)
-    except Exception as err:  # omegaconf validation errors
-        raise ConfigError(f"{data_yaml}: {str(err).splitlines()[0]}") from None
-    config: DataConfig = OmegaConf.to_object(merged)
-    config.validate()
-    return config
+    return merge_into(base, values, data_yaml)
 
 
 def evaluate(translator: Translator, src: Optional[str] = None, ref: Optional[str] = None,

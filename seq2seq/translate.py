@@ -18,12 +18,10 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq.batch import make_batch, sentence_batches
 from seq2seq.checkpoint import Bundle, ModelDirError, load_bundle
-from seq2seq.config import ConfigError, SearchConfig
+from seq2seq.config import ConfigError, SearchConfig, merge_into
 from seq2seq.ensemble import load_ensemble
 from seq2seq.models.decoder import Decoder
 from seq2seq.runtime import quantize_int8, resolve_device
@@ -40,14 +38,15 @@ def read_search_defaults(model_dir: str | Path, base: SearchConfig) -> SearchCon
         return base
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if not isinstance(values, dict):
-            raise ModelDirError(f"{path}: must be a YAML mapping of search settings")
-        config: SearchConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), values))
-        config.validate()
-    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException, ConfigError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelDirError(f"{path}: bad search settings ({first}); fix or delete the file") from None
-    return config
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ModelDirError(f"{path}: unreadable ({type(err).__name__}); fix or delete the file") from None
+    if not isinstance(values, dict):
+        raise ModelDirError(f"{path}: must be a YAML mapping of search settings")
+    try:
+        return merge_into(base, values, str(path))
+    except ConfigError as err:
+        detail = str(err).removeprefix(f"{path}: ")
+        raise ModelDirError(f"{path}: bad search settings ({detail}); fix or delete the file") from None
 
 
 @dataclass

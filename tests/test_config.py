@@ -54,3 +54,16 @@ def test_bad_options_are_one_clear_line(override, message):
         to_config(compose_train(override.split()))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_data_config_file_merges_over_the_model_s_and_names_itself_on_error(tmp_path):
+    from seq2seq.config import DataConfig
+    from seq2seq.evaluate import load_data_config
+
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("defaults: [builtin]\nbuiltin_size: 300\ntokenizer:\n  vocab_size: 99\n")
+    bad.write_text("builtn_size: 300\n")
+    merged = load_data_config(DataConfig(src_lang="de", tgt_lang="en"), str(good))
+    assert (merged.builtin_size, merged.tokenizer.vocab_size, merged.src_lang) == (300, 99, "de")
+    with pytest.raises(ConfigError, match=r"bad.yaml: Key 'builtn_size' not in 'DataConfig'"):
+        load_data_config(DataConfig(), str(bad))
