@@ -33,12 +33,10 @@ class Batch:
 
 
 def pad(seqs: Sequence[Sequence[int]], prefix: Sequence[int] = (), suffix: Sequence[int] = ()) -> torch.Tensor:
-    width = max(len(s) for s in seqs) + len(prefix) + len(suffix)
-    out = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        values = list(prefix) + list(seq) + list(suffix)
-        out[row, : len(values)] = torch.tensor(values, dtype=torch.long)
-    return out
+    """[B, width] ids, PAD_ID on the right; one tensor built from one padded list (no per-row tensors)."""
+    rows = [[*prefix, *seq, *suffix] for seq in seqs]
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows], dtype=torch.long)
 
 
 def make_batch(src_ids: Sequence[Sequence[int]], tgt_ids: Optional[Sequence[Sequence[int]]] = None,
