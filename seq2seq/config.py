@@ -163,8 +163,8 @@ class SearchConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # fp32 | bf16 | fp16. CUDA: autocast of the forward pass (fp16 with a gradient scaler). CPU: bf16
-    # computes the output layer in bfloat16 (fast on CPUs with AMX or AVX512-BF16), the rest in fp32.
+    # fp32 | bf16 | fp16: autocast of the forward pass (matrix products in 16 bits, the rest float32).
+    # fp16 needs CUDA and uses a gradient scaler; bf16 also pays on CPUs with AMX or AVX512-BF16.
     precision: str = "fp32"
     seed: int = 42
     threads: int = 0  # torch CPU threads; 0 = leave torch's default

@@ -29,7 +29,7 @@ from seq2seq.data import DataError, filter_by_length, load_split
 from seq2seq.distributed import DistContext, any_rank, barrier, broadcast, init_distributed, shard, shutdown
 from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
-from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
+from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, save_checkpoint
 from seq2seq.runtime import resolve_device, set_seed, set_threads
 from seq2seq.tokenizer import Tokenizer, train_tokenizers
@@ -92,8 +92,7 @@ def validation_loss(model, src_ids, tgt_ids, batch_tokens: int, device) -> tuple
     total, tokens = 0.0, 0
     for group in token_batches([len(s) for s in src_ids], [len(t) for t in tgt_ids], batch_tokens, 0, 0):
         batch = make_batch([src_ids[i] for i in group], [tgt_ids[i] for i in group]).to(device)
-        logits = model(batch.src, batch.src_len, batch.tgt_in)
-        total += sequence_loss(logits, batch.tgt_out).item()
+        total += training_loss(model, batch).item()
         tokens += batch.num_tgt_tokens
     return total, tokens
 
@@ -104,21 +103,26 @@ def translate_pairs(bundle: Bundle, pairs, device: str, batch_size: int) -> list
     return [nbest[0].text for nbest in translator.translate([s for s, _ in pairs])]
 
 
+def training_loss(model, batch, teacher_forcing: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy of a batch's target tokens (a 0-dim float32 tensor)."""
+    return model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=teacher_forcing, tgt_out=batch.tgt_out,
+                 label_smoothing=label_smoothing)
+
+
 def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None,
                scaler: Optional[torch.amp.GradScaler] = None) -> float | None:
     """Forward, backward, clip, update. Returns the summed loss, or None when the batch was skipped.
 
     ``model`` may be wrapped in DistributedDataParallel; then every rank skips a batch together.
-    On CUDA, ``trainer.precision`` bf16 / fp16 runs the forward pass under autocast (fp16 with
-    ``scaler``); on the CPU, bf16 is applied to the output layer by the model itself.
+    ``trainer.precision`` bf16 / fp16 runs the forward pass under autocast (fp16 only on CUDA, with
+    ``scaler``); bf16 pays on CPUs with AMX or AVX512-BF16 as well as on GPUs.
     """
     device = device or batch.src.device
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
     optimizer.zero_grad(set_to_none=True)
     try:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and device.type == "cuda"):
-            logits = model(batch.src, batch.src_len, batch.tgt_in, teacher_forcing=t.teacher_forcing)
-            loss = sequence_loss(logits.float(), batch.tgt_out, t.label_smoothing)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = training_loss(model, batch, t.teacher_forcing, t.label_smoothing)
         if any_rank(not torch.isfinite(loss).item(), ctx, device):
             log.warning("skipping a batch whose loss is %s", loss.item())
             return None
@@ -187,7 +191,6 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     log.info("model: %s, %.2fM parameters", cfg.model.attention, sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    model.decoder.bf16_output = t.precision == "bf16" and device.type == "cpu"
     progress = Progress()
     if resuming:
         progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)

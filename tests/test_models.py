@@ -3,9 +3,11 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from seq2seq.batch import make_batch
 from seq2seq.config import SearchConfig
+from seq2seq.models import output_loss
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.search import greedy_search
 from tests.conftest import tiny_model_config
@@ -163,3 +165,56 @@ def test_bf16_output_layer_is_close_to_fp32():
         half = model(batch.src, batch.src_len, batch.tgt_in)
     assert half.dtype == torch.float32 and not torch.equal(full, half)
     assert torch.allclose(torch.log_softmax(full, -1), torch.log_softmax(half, -1), atol=0.05)
+
+
+@pytest.mark.parametrize("label_smoothing,tie", [(0.0, False), (0.1, False), (0.1, True)])
+def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, tie, monkeypatch):
+    monkeypatch.setattr(output_loss, "CHUNK_ROWS", 4)  # several chunks, the last one short
+    torch.manual_seed(4)
+    model = Seq2Seq(tiny_model_config(attention="bahdanau", tie_embeddings=tie), 20, 20).eval()
+    batch, _, _ = random_batch(20, [5, 3, 8], seed=5)
+    params = [p for p in model.parameters()]
+
+    def loss_and_grads(loss):
+        return [loss.detach()] + list(torch.autograd.grad(loss * 0.7, params))
+
+    plain = sequence_loss(model(batch.src, batch.src_len, batch.tgt_in), batch.tgt_out, label_smoothing)
+    chunked = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=label_smoothing)
+    for a, b in zip(loss_and_grads(plain), loss_and_grads(chunked)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # validation: the same loss, no gradients computed
+        again = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=label_smoothing)
+    assert torch.allclose(again, plain.detach(), rtol=1e-5)
+
+
+def test_chunked_output_loss_in_bfloat16_is_close():
+    torch.manual_seed(6)
+    x, weight, bias = torch.randn(40, 16), torch.randn(30, 16) * 0.3, torch.randn(30)
+    target = torch.randint(0, 30, (40,))
+    exact = sequence_loss(F.linear(x, weight, bias)[None], target[None])
+    low = output_loss.linear_cross_entropy(x, weight, bias, target, low_precision=torch.bfloat16)
+    assert torch.allclose(low, exact, rtol=1e-2) and not torch.equal(low, exact)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_written_out_cell_equals_the_torch_rnn_module(cell):
+    torch.manual_seed(7)
+    model = Seq2Seq(tiny_model_config(cell=cell, attention="bahdanau", input_feeding=True, dec_layers=2), 20, 20)
+    decoder = model.decoder.eval()
+    batch, _, _ = random_batch(20, [4, 6], seed=8)
+    with torch.no_grad():
+        enc = model.encode(batch.src, batch.src_len)
+        state = decoder.init_state(enc)
+        state.feed.normal_()
+        embedded = decoder.embed(batch.tgt_in[:, 0])
+        written_out = decoder.recur(embedded, state, enc)
+        monkey = type(decoder).manual_cell
+        try:
+            type(decoder).manual_cell = property(lambda self: False)  # the nn.GRU / nn.LSTM / nn.RNN module
+            module = decoder.recur(embedded, state, enc)
+        finally:
+            type(decoder).manual_cell = monkey
+    assert torch.allclose(written_out[0], module[0], atol=1e-6)
+    assert torch.allclose(written_out[2].hidden, module[2].hidden, atol=1e-6)
+    if cell == "lstm":
+        assert torch.allclose(written_out[2].cell, module[2].cell, atol=1e-6)

@@ -15,11 +15,13 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
 from seq2seq.models.encoder import EncoderOutput, make_rnn
+from seq2seq.models.output_loss import linear_cross_entropy
 
 
 @dataclass
@@ -107,37 +109,91 @@ class Decoder(nn.Module):
                 return self.output(self.dropout(pre_output)).float()
         return self.output(self.dropout(pre_output))
 
-    def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
+    def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
+                emb_gates: Optional[torch.Tensor] = None):
         """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
-        output, context, state, attn = self.recur(embedded, state, enc)
+        output, context, state, attn = self.recur(embedded, state, enc, emb_gates)
         pre_output = self.pre_output_of(output, embedded, context)
         if self.input_feeding:
             state = replace(state, feed=pre_output)
         return pre_output, state, attn
 
-    def recur(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
+    def recur(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
+              emb_gates: Optional[torch.Tensor] = None):
         """The recurrent half of a step: -> (RNN output [B, D], context [B, He], new state, attention).
 
         For the Cho and Bahdanau modes the pre-output layer needs nothing from later steps, so
         training runs this half step by step and the pre-output layer once over all positions.
+        ``emb_gates`` [B, G*D] is the first RNN layer's input product with the embedding, when
+        training has computed it for all positions at once (``embedding_products``).
         """
-        hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
         attn = None
         if self.luong:
-            rnn_input = torch.cat([embedded, state.feed], dim=-1) if self.input_feeding else embedded
+            extra = [state.feed] if self.input_feeding else []
         else:
             if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
                 context, attn = self.attention(state.hidden[-1][:, None, :], enc.keys, enc.memory, enc.mask)
                 context = context[:, 0]
             else:
                 context = enc.context
-            rnn_input = torch.cat([embedded, context] + ([state.feed] if self.input_feeding else []), dim=-1)
-        output, new_hx = self.rnn(rnn_input[:, None, :], hx)  # output [B, 1, D]
-        hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
+            extra = [context] + ([state.feed] if self.input_feeding else [])
+        if self.manual_cell:
+            output, hidden, cell = self._cell_step(embedded, extra, state, emb_gates)
+        else:  # e.g. a quantised RNN module: one step of it
+            hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
+            output, new_hx = self.rnn(torch.cat([embedded] + extra, dim=-1)[:, None, :], hx)
+            hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
+            output = output[:, 0]
         if self.luong:
-            context, attn = self.attention(output, enc.keys, enc.memory, enc.mask)
+            context, attn = self.attention(output[:, None, :], enc.keys, enc.memory, enc.mask)
             context = context[:, 0]
-        return output[:, 0], context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
+        return output, context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
+
+    # --- the RNN cell, written out so that the embedding's share of layer 0 is one product per batch ---
+    @property
+    def manual_cell(self) -> bool:
+        return type(self.rnn) in (nn.GRU, nn.LSTM, nn.RNN)
+
+    def embedding_products(self, embedded: torch.Tensor) -> Optional[torch.Tensor]:
+        """embedded [B, T, E] -> its layer-0 input product plus bias [B, T, G*D], for all positions at once."""
+        if not self.manual_cell:
+            return None
+        emb_size = embedded.size(-1)
+        return F.linear(embedded, self.rnn.weight_ih_l0[:, :emb_size], self.rnn.bias_ih_l0)
+
+    def _cell_step(self, embedded: torch.Tensor, extra: list, state: DecoderState,
+                   emb_gates: Optional[torch.Tensor]):
+        """One step of the (stacked) GRU / LSTM / RNN, the same function as nn.GRU etc. compute."""
+        rnn, emb_size = self.rnn, embedded.size(-1)
+        weight = rnn.weight_ih_l0
+        gates_in = emb_gates if emb_gates is not None else F.linear(embedded, weight[:, :emb_size], rnn.bias_ih_l0)
+        offset = emb_size
+        for part in extra:  # context and / or fed vector: their column blocks of layer 0's input weight
+            gates_in = gates_in + F.linear(part, weight[:, offset:offset + part.size(-1)])
+            offset += part.size(-1)
+        hiddens, cells, layer_input = [], [], None
+        for layer in range(rnn.num_layers):
+            if layer > 0:
+                layer_input = F.dropout(hiddens[-1], rnn.dropout, self.training)
+                gates_in = F.linear(layer_input, getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"bias_ih_l{layer}"))
+            h = state.hidden[layer]
+            gates_h = F.linear(h, getattr(rnn, f"weight_hh_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"))
+            if isinstance(rnn, nn.GRU):
+                in_r, in_z, in_n = gates_in.chunk(3, -1)
+                h_r, h_z, h_n = gates_h.chunk(3, -1)
+                reset, update = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
+                candidate = torch.tanh(in_n + reset * h_n)
+                h = candidate + update * (h - candidate)
+            elif isinstance(rnn, nn.LSTM):
+                i, f, g, o = (gates_in + gates_h).chunk(4, -1)
+                c = torch.sigmoid(f) * state.cell[layer] + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                cells.append(c)
+            else:
+                h = torch.tanh(gates_in + gates_h)
+            hiddens.append(h)
+        cell = torch.stack(cells) if cells else None
+        return hiddens[-1], torch.stack(hiddens), cell
 
     def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
@@ -158,6 +214,28 @@ class Decoder(nn.Module):
     def forward(self, tgt_in: torch.Tensor, enc: EncoderOutput, state: Optional[DecoderState] = None,
                 fused: Optional[bool] = None, return_attention: bool = False):
         """tgt_in [B, T] -> logits [B, T, V] (and attention [B, T, S] when asked; None without attention)."""
+        pre_output, attn = self.pre_outputs(tgt_in, enc, state, fused)
+        logits = self.project(pre_output)  # one matrix product over all positions
+        return (logits, attn) if return_attention else logits
+
+    def loss(self, tgt_in: torch.Tensor, tgt_out: torch.Tensor, enc: EncoderOutput, label_smoothing: float = 0.0,
+             fused: Optional[bool] = None) -> torch.Tensor:
+        """Summed cross-entropy over the real tokens of tgt_out [B, T], never holding all logits at once."""
+        pre_output, _ = self.pre_outputs(tgt_in, enc, None, fused)
+        return linear_cross_entropy(self.dropout(pre_output), self.output.weight, self.output.bias, tgt_out,
+                                    label_smoothing, self._low_precision(pre_output.device))
+
+    def _low_precision(self, device: torch.device) -> Optional[torch.dtype]:
+        """bfloat16 for the output layer under bf16 autocast, or on the CPU when ``bf16_output`` asks."""
+        if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16:
+            return torch.bfloat16
+        if device.type == "cpu" and self.bf16_output:
+            return torch.bfloat16
+        return None  # fp16 autocast keeps this layer in float32: its small gradients would underflow
+
+    def pre_outputs(self, tgt_in: torch.Tensor, enc: EncoderOutput, state: Optional[DecoderState] = None,
+                    fused: Optional[bool] = None):
+        """tgt_in [B, T] -> (pre-output vectors [B, T, D], attention [B, T, S] or None)."""
         state = state if state is not None else self.init_state(enc)
         embedded = self.embed(tgt_in)  # [B, T, E], all positions at once
         fused = self.can_fuse if fused is None else fused
@@ -165,23 +243,25 @@ class Decoder(nn.Module):
             pre_output, attn = self._fused(embedded, state, enc)
         elif self.input_feeding:  # each step needs the previous pre-output
             outputs, attns = [], []
+            emb_gates = self.embedding_products(embedded)
             for t in range(tgt_in.size(1)):
-                out, state, a = self.advance(embedded[:, t], state, enc)
+                out, state, a = self.advance(embedded[:, t], state, enc, None if emb_gates is None else emb_gates[:, t])
                 outputs.append(out)
                 attns.append(a)
             pre_output = torch.stack(outputs, dim=1)  # [B, T, D]
             attn = torch.stack(attns, dim=1)
         else:  # the recurrent half step by step, the pre-output layer once for all positions
             outputs, contexts, attns = [], [], []
+            emb_gates = self.embedding_products(embedded)
             for t in range(tgt_in.size(1)):
-                out, context, state, a = self.recur(embedded[:, t], state, enc)
+                out, context, state, a = self.recur(embedded[:, t], state, enc,
+                                                    None if emb_gates is None else emb_gates[:, t])
                 outputs.append(out)
                 contexts.append(context)
                 attns.append(a)
             pre_output = self.pre_output_of(torch.stack(outputs, 1), embedded, torch.stack(contexts, 1))
             attn = torch.stack(attns, dim=1) if attns[0] is not None else None
-        logits = self.project(pre_output)  # one matrix product over all positions
-        return (logits, attn) if return_attention else logits
+        return pre_output, attn
 
     def _fused(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
         hx = (state.hidden, state.cell) if state.cell is not None else state.hidden

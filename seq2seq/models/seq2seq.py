@@ -35,12 +35,21 @@ class Seq2Seq(nn.Module):
         return self.decoder.step(prev_tokens, state, enc)
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor,
-                teacher_forcing: float = 1.0, fused: Optional[bool] = None) -> torch.Tensor:
-        """Teacher-forced logits [B, T, V] for target inputs tgt_in [B, T]."""
+                teacher_forcing: float = 1.0, fused: Optional[bool] = None, tgt_out: Optional[torch.Tensor] = None,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V] for target inputs tgt_in [B, T].
+
+        Given the targets tgt_out [B, T], returns their summed cross-entropy instead (as
+        ``sequence_loss`` of the logits, but without holding them all: see models/output_loss.py).
+        A loss is what training needs, and it goes through ``forward`` so DistributedDataParallel sees it.
+        """
         enc = self.encode(src, src_len)
         if teacher_forcing >= 1.0:
+            if tgt_out is not None:
+                return self.decoder.loss(tgt_in, tgt_out, enc, label_smoothing, fused)
             return self.decoder(tgt_in, enc, fused=fused)
-        return self._scheduled_sampling(tgt_in, enc, teacher_forcing)
+        logits = self._scheduled_sampling(tgt_in, enc, teacher_forcing)
+        return logits if tgt_out is None else sequence_loss(logits.float(), tgt_out, label_smoothing)
 
     def _scheduled_sampling(self, tgt_in: torch.Tensor, enc: EncoderOutput, ratio: float) -> torch.Tensor:
         """Each step feeds the reference token with probability ``ratio``, else the model's own best guess."""
