@@ -33,24 +33,42 @@ def compose(overrides: list[str]):
         return to_config(hydra_compose(config_name="train", overrides=overrides))
 
 
-def matmul_rate(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 matrix-multiply GFLOP/s (median of ``repeats``)."""
+def matmul_rate(threads: int, size: int = 2048, repeats: int = 5, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+    """Measured matrix-multiply GFLOP/s (median of ``repeats``) on ``device`` in ``dtype``."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    if device != "cpu":
+        size = max(size, 8192)  # enough work to fill a GPU
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         a @ b
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def _synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mib(device: str) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident memory of this process on the CPU."""
+    if device != "cpu":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _peak_rss_mib()
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _train_phase(overrides: list[str], seconds: float, threads: int, queue) -> None:
+def _train_phase(overrides: list[str], seconds: float, threads: int, device: str, queue) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from seq2seq.batch import make_batch, token_batches
@@ -66,21 +84,25 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, queue) -> N
     pairs = load_split(cfg.data, cfg.data.train_split)
     src_tok, tgt_tok = train_tokenizers(pairs, cfg.data.tokenizer)
     src, tgt = encode_pairs(pairs, src_tok, tgt_tok, cfg.data.max_len)
-    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).train()
+    model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).to(device).train()
     optimizer, _ = build_optimizer(model, cfg)
     t = cfg.trainer
+    model.decoder.compile_step = t.compile
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     step_times, step_tokens, start, epoch = [], [], time.perf_counter(), 0
     flop_per_token = None
     while time.perf_counter() - start < seconds:
         for group in token_batches([len(s) for s in src], [len(x) for x in tgt], t.batch_tokens, t.seed, epoch):
             batch = make_batch([src[i] for i in group], [tgt[i] for i in group])
             if flop_per_token is None:
-                with FlopCounterMode(display=False) as counter:
-                    train_step(model, batch, optimizer, t)
+                with FlopCounterMode(display=False) as counter:  # one step in eager mode, counted
+                    model.decoder.compile_step = False
+                    train_step(model, batch.to(device), optimizer, t, scaler=scaler)
+                    model.decoder.compile_step = t.compile
                 flop_per_token = counter.get_total_flops() / batch.num_tgt_tokens
                 continue
-            step_start = time.perf_counter()
-            train_step(model, batch, optimizer, t)
+            step_start = time.perf_counter()  # the copy to the device counts, as in training
+            train_step(model, batch.to(device), optimizer, t, scaler=scaler)  # ends in .item(): synchronised
             step_times.append(time.perf_counter() - step_start)
             step_tokens.append(batch.num_tgt_tokens)
             if time.perf_counter() - start >= seconds:
@@ -90,27 +112,28 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, queue) -> N
     rates = [n / s for n, s in zip(step_tokens[warmup:], step_times[warmup:])] or [0.0]
     queue.put({"train_tokens_per_s": statistics.median(rates), "train_steps": len(step_times),
                "tokens_per_step": statistics.mean(step_tokens), "flop_per_token": flop_per_token,
-               "train_peak_rss_mib": _peak_rss_mib()})
+               "train_peak_rss_mib": _peak_memory_mib(device)})
 
 
 def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sentences: int, variant: str,
-                  queue) -> None:
+                  device: str, queue) -> None:
     from seq2seq.data import load_split
     from seq2seq.metrics import bleu
     from seq2seq.runtime import set_threads
     from seq2seq.translate import Translator
 
     set_threads(threads)
-    translator = Translator.from_dir(model_dir, device="cpu", beam_size=beam, batch_size=batch_size,
+    translator = Translator.from_dir(model_dir, device=device, beam_size=beam, batch_size=batch_size,
                                      alpha=1.0 if beam > 1 else 0.0, bf16=variant == "bf16",
                                      quantize=variant == "int8")
     data = translator.bundle.config.data
     pairs = load_split(data, data.test_split)[:sentences]
     start = time.perf_counter()
     hyps = [n[0].text for n in translator.translate([s for s, _ in pairs])]
+    _synchronize(device)
     seconds = time.perf_counter() - start
     queue.put({"beam": beam, "batch_size": batch_size, "variant": variant, "sentences_per_s": len(pairs) / seconds,
-               "bleu": bleu(hyps, [r for _, r in pairs]).score, "peak_rss_mib": _peak_rss_mib()})
+               "bleu": bleu(hyps, [r for _, r in pairs]).score, "peak_rss_mib": _peak_memory_mib(device)})
 
 
 def run_in_child(target, *args) -> dict:
@@ -127,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="seq2seq-benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=multi30k_gru")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA, memory is torch's peak allocation")
     parser.add_argument("--train-seconds", type=float, default=120, help="0 = skip training")
     parser.add_argument("--model", help="model directory to decode its test split with (skip decoding without)")
     parser.add_argument("--batch-sizes", default="1,16,64")
@@ -136,10 +160,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation)")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args(argv)
-    result = {"threads": args.threads, "overrides": args.overrides, "torch": torch.__version__,
-              "matmul_gflops": matmul_rate(args.threads)}
+    precision = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("trainer.precision=")), "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    result = {"threads": args.threads, "device": args.device, "overrides": args.overrides, "torch": torch.__version__,
+              "matmul_dtype": str(dtype), "matmul_gflops": matmul_rate(args.threads, device=args.device, dtype=dtype)}
+    if args.device != "cpu":
+        result["gpu"] = torch.cuda.get_device_name(args.device)
     if args.train_seconds > 0:
-        result.update(run_in_child(_train_phase, args.overrides, args.train_seconds, args.threads))
+        result.update(run_in_child(_train_phase, args.overrides, args.train_seconds, args.threads, args.device))
         achieved = result["train_tokens_per_s"] * result["flop_per_token"] / 1e9
         result["train_gflops"] = achieved
         result["fraction_of_matmul_rate"] = achieved / result["matmul_gflops"]
@@ -149,10 +177,11 @@ def main(argv: list[str] | None = None) -> None:
             for beam in map(int, args.beams.split(",")):
                 for batch_size in map(int, args.batch_sizes.split(",")):
                     decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
-                                                 args.sentences, variant))
+                                                 args.sentences, variant, args.device))
     result["decoding"] = decoding
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"| figure | value |\n|---|---|\n| matmul fp32 2048³ | {result['matmul_gflops']:.0f} GFLOP/s |")
+    print(f"| figure | value |\n|---|---|\n| device | {result.get('gpu', 'cpu')}, {args.threads} threads |")
+    print(f"| matmul {dtype} | {result['matmul_gflops']:.0f} GFLOP/s |")
     if "train_tokens_per_s" in result:
         print(f"| training, target tokens/s (median) | {result['train_tokens_per_s']:,.0f} |")
         print(f"| target tokens per step | {result['tokens_per_step']:,.0f} |")

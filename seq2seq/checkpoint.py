@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from seq2seq.config import Config, ConfigError, config_from_dict
 from seq2seq.models.seq2seq import Seq2Seq
@@ -65,6 +65,21 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """The model's weights as safetensors: CPU copies, each tensor once (tied weights under their first name).
+
+    Not ``safetensors.torch.save_model``: on CUDA, cuDNN keeps a GRU / LSTM's weights as views into one
+    flat buffer, which it refuses to save. ``load_model`` reads the file back, tied weights included.
+    """
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, str(path))
+
+
 def save_bundle(directory: str | Path, model: Seq2Seq, config: Config, src_tok: Tokenizer, tgt_tok: Tokenizer,
                 extra: dict | None = None) -> Path:
     """Write a model directory atomically: a complete new version, or the old one untouched."""
@@ -72,7 +87,7 @@ def save_bundle(directory: str | Path, model: Seq2Seq, config: Config, src_tok: 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
-        save_model(model, str(staging / "model.safetensors"))
+        save_weights(model, staging / "model.safetensors")
         meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), **(extra or {})}
         (staging / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
         if src_tok is tgt_tok:

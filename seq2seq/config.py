@@ -166,6 +166,7 @@ class TrainerConfig:
     # fp32 | bf16 | fp16: autocast of the forward pass (matrix products in 16 bits, the rest float32).
     # fp16 needs CUDA and uses a gradient scaler; bf16 also pays on CPUs with AMX or AVX512-BF16.
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the decoder step (attention, RNN cell) of the training loop
     seed: int = 42
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     optimizer: str = "adam"  # adam | adamw

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
-from seq2seq.checkpoint import atomic_torch_save
+from seq2seq.checkpoint import atomic_torch_save, save_weights
 
 
 class ResumeError(RuntimeError):
@@ -79,7 +78,7 @@ def keep_step_weights(directory: Path, model, progress: Progress, keep: int) -> 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{progress.step}.safetensors"
     tmp = directory / f".{path.name}.tmp"
-    save_model(model, str(tmp))
+    save_weights(model, tmp)
     os.replace(tmp, path)
     last = [r["step"] for r in progress.history[-keep:]]
     best = [r["step"] for r in sorted(progress.history, key=lambda r: -r["valid_bleu"])[:keep]]

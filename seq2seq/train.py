@@ -191,6 +191,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     log.info("model: %s, %.2fM parameters", cfg.model.attention, sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    model.decoder.compile_step = t.compile
     progress = Progress()
     if resuming:
         progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)

@@ -33,6 +33,21 @@ def test_round_trip_gives_the_same_model(saved):
     assert sorted(p.name for p in directory.iterdir()) == ["config.yaml", "model.safetensors", "spm.model"]
 
 
+def test_rnn_weights_that_are_views_of_one_buffer_are_saved(tmp_path, saved):
+    """cuDNN keeps a GRU's weights as views into one flat buffer on CUDA; saving must still work."""
+    _, model, cfg, src_tok, tgt_tok = saved
+    rnn = model.decoder.rnn
+    flat = torch.cat([p.detach().flatten() for p in rnn.parameters()])
+    offset = 0
+    for param in rnn.parameters():
+        param.data = flat[offset:offset + param.numel()].view_as(param)  # shares flat's storage
+        offset += param.numel()
+    save_bundle(tmp_path / "m", model, cfg, src_tok, tgt_tok)
+    reloaded = load_bundle(tmp_path / "m").model
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_tied_weights_survive_safetensors(tmp_path):
     cfg = tiny_config(model=dict(tie_embeddings=True, share_embeddings=True))
     src_tok, tgt_tok = train_tokenizers(generate_splits(300, 5, 5)["train"], cfg.data.tokenizer)

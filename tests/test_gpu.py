@@ -4,16 +4,18 @@ import json
 import pytest
 import torch
 
-from seq2seq.translate import Translator
+from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.train import train
-from tests.conftest import tiny_config
+from seq2seq.translate import Translator
+from tests.conftest import tiny_config, tiny_model_config
+from tests.test_models import loss_and_gradients, random_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_training_on_cuda_with_each_precision(tmp_path, precision):
-    cfg = tiny_config(trainer=dict(device="cuda", precision=precision, max_steps=6, valid_every=3))
+@pytest.mark.parametrize("precision,compile", [("fp32", False), ("bf16", False), ("fp16", False), ("bf16", True)])
+def test_training_on_cuda_with_each_precision(tmp_path, precision, compile):
+    cfg = tiny_config(trainer=dict(device="cuda", precision=precision, compile=compile, max_steps=6, valid_every=3))
     summary = train(cfg, tmp_path)
     assert summary["steps"] == 6
     history = [json.loads(line) for line in (tmp_path / "validations.jsonl").read_text().splitlines()]
@@ -28,3 +30,24 @@ def test_cuda_decoding_matches_the_cpu(tmp_path):
     cpu = Translator.from_dir(tmp_path / "model", device="cpu", beam_size=3).translate(lines)
     gpu = Translator.from_dir(tmp_path / "model", device="cuda", beam_size=3).translate(lines)
     assert [c[0].text for c in cpu] == [g[0].text for g in gpu]
+
+
+@pytest.mark.parametrize("attention,feeding", [("bahdanau", True), ("bahdanau", False), ("luong_general", True)])
+def test_compiled_step_on_cuda_equals_eager(attention, feeding):
+    torch.manual_seed(0)
+    model = Seq2Seq(tiny_model_config(attention=attention, input_feeding=feeding, dec_layers=2), 20, 20).cuda()
+    batch = random_batch(20, [5, 3, 8, 6], seed=1)[0].to("cuda")
+    eager = loss_and_gradients(model, batch)
+    model.decoder.compile_step = True
+    compiled = loss_and_gradients(model, batch)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_output_loss_on_cuda_equals_logits_and_cross_entropy():
+    torch.manual_seed(2)
+    model = Seq2Seq(tiny_model_config(attention="bahdanau"), 20, 20).cuda().eval()
+    batch = random_batch(20, [5, 3, 8], seed=3)[0].to("cuda")
+    plain = sequence_loss(model(batch.src, batch.src_len, batch.tgt_in), batch.tgt_out, 0.1)
+    chunked = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=0.1)
+    assert torch.allclose(plain, chunked, rtol=1e-5)

@@ -110,7 +110,7 @@ def test_an_interrupted_save_leaves_the_previous_model_whole(tmp_path, monkeypat
         raise KeyboardInterrupt  # as if the process were stopped mid-write
 
     import seq2seq.checkpoint as checkpoint_module
-    monkeypatch.setattr(checkpoint_module, "save_model", crash)
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_bundle(tmp_path / "run" / "model", bundle.model, cfg, bundle.src_tokenizer, bundle.tgt_tokenizer)
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == before

@@ -61,7 +61,9 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dec_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
-        self.bf16_output = False  # a run-time choice (trainer.precision=bf16 on the CPU), not saved
+        self.bf16_output = False  # a run-time choice (translate --bf16), not saved
+        self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
+        self._compiled = {}
         if cfg.bridge == "learned":
             self.bridge = nn.Linear(enc_size, dec_size)
             self.bridge_cell = nn.Linear(enc_size, dec_size) if cfg.cell == "lstm" else None
@@ -132,27 +134,107 @@ class Decoder(nn.Module):
             extra = [state.feed] if self.input_feeding else []
         else:
             if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
-                context, attn = self.attention(state.hidden[-1][:, None, :], enc.keys, enc.memory, enc.mask)
+                context, attn = self._maybe_compiled("attention", self.attention)(
+                    state.hidden[-1][:, None, :], enc.keys, enc.memory, enc.mask)
                 context = context[:, 0]
             else:
                 context = enc.context
             extra = [context] + ([state.feed] if self.input_feeding else [])
         if self.manual_cell:
-            output, hidden, cell = self._cell_step(embedded, extra, state, emb_gates)
+            if emb_gates is None:
+                emb_gates = self.embedding_products(embedded)
+            output, hidden, cell = self._maybe_compiled("cell", rnn_cell_step)(
+                self.cfg.cell, self._cell_weights(), self.rnn.dropout, self.training, emb_gates, extra,
+                state.hidden, state.cell)
         else:  # e.g. a quantised RNN module: one step of it
             hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
             output, new_hx = self.rnn(torch.cat([embedded] + extra, dim=-1)[:, None, :], hx)
             hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
             output = output[:, 0]
         if self.luong:
-            context, attn = self.attention(output[:, None, :], enc.keys, enc.memory, enc.mask)
+            context, attn = self._maybe_compiled("attention", self.attention)(
+                output[:, None, :], enc.keys, enc.memory, enc.mask)
             context = context[:, 0]
         return output, context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
 
     # --- the RNN cell, written out so that the embedding's share of layer 0 is one product per batch ---
     @property
     def manual_cell(self) -> bool:
-        return type(self.rnn) in (nn.GRU, nn.LSTM, nn.RNN)
+        return isinstance(self.rnn, (nn.GRU, nn.LSTM, nn.RNN))  # not a quantised module
+
+    def embedding_products(self, embedded: torch.Tensor) -> Optional[torch.Tensor]:
+        """embedded [B, T, E] -> its layer-0 input product plus bias [B, T, G*D], for all positions at once."""
+        if not self.manual_cell:
+            return None
+        emb_size = embedded.size(-1)
+        return F.linear(embedded, self.rnn.weight_ih_l0[:, :emb_size], self.rnn.bias_ih_l0)
+
+    def _cell_weights(self) -> list:
+        rnn = self.rnn
+        return [tuple(getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                for layer in range(rnn.num_layers)]
+
+    # --- the step -----------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.emb_dropout(self.embedding(tokens))
+
+    def project(self, pre_output: torch.Tensor) -> torch.Tensor:
+        """pre-output vectors [..., D] -> logits [..., V] (float32)"""
+        if self.bf16_output and pre_output.device.type == "cpu":  # the largest matrix product, in bfloat16
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.output(self.dropout(pre_output)).float()
+        return self.output(self.dropout(pre_output))
+
+    def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
+                emb_gates: Optional[torch.Tensor] = None):
+        """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
+        output, context, state, attn = self.recur(embedded, state, enc, emb_gates)
+        pre_output = self.pre_output_of(output, embedded, context)
+        if self.input_feeding:
+            state = replace(state, feed=pre_output)
+        return pre_output, state, attn
+
+    def recur(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
+              emb_gates: Optional[torch.Tensor] = None):
+        """The recurrent half of a step: -> (RNN output [B, D], context [B, He], new state, attention).
+
+        For the Cho and Bahdanau modes the pre-output layer needs nothing from later steps, so
+        training runs this half step by step and the pre-output layer once over all positions.
+        ``emb_gates`` [B, G*D] is the first RNN layer's input product with the embedding, when
+        training has computed it for all positions at once (``embedding_products``).
+        """
+        attn = None
+        if self.luong:
+            extra = [state.feed] if self.input_feeding else []
+        else:
+            if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
+                context, attn = self._maybe_compiled("attention", self.attention)(
+                    state.hidden[-1][:, None, :], enc.keys, enc.memory, enc.mask)
+                context = context[:, 0]
+            else:
+                context = enc.context
+            extra = [context] + ([state.feed] if self.input_feeding else [])
+        if self.manual_cell:
+            if emb_gates is None:
+                emb_gates = self.embedding_products(embedded)
+            output, hidden, cell = self._maybe_compiled("cell", rnn_cell_step)(
+                self.cfg.cell, self._cell_weights(), self.rnn.dropout, self.training, emb_gates, extra,
+                state.hidden, state.cell)
+        else:  # e.g. a quantised RNN module: one step of it
+            hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
+            output, new_hx = self.rnn(torch.cat([embedded] + extra, dim=-1)[:, None, :], hx)
+            hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
+            output = output[:, 0]
+        if self.luong:
+            context, attn = self._maybe_compiled("attention", self.attention)(
+                output[:, None, :], enc.keys, enc.memory, enc.mask)
+            context = context[:, 0]
+        return output, context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
+
+    # --- the RNN cell, written out so that the embedding's share of layer 0 is one product per batch ---
+    @property
+    def manual_cell(self) -> bool:
+        return isinstance(self.rnn, (nn.GRU, nn.LSTM, nn.RNN))  # not a quantised module
 
     def embedding_products(self, embedded: torch.Tensor) -> Optional[torch.Tensor]:
         """embedded [B, T, E] -> its layer-0 input product plus bias [B, T, G*D], for all positions at once."""
@@ -254,14 +336,22 @@ class Decoder(nn.Module):
             outputs, contexts, attns = [], [], []
             emb_gates = self.embedding_products(embedded)
             for t in range(tgt_in.size(1)):
-                out, context, state, a = self.recur(embedded[:, t], state, enc,
-                                                    None if emb_gates is None else emb_gates[:, t])
+                out, context, state, a = self.recur(embedded[:, t], state, enc, None if emb_gates is None else emb_gates[:, t])
                 outputs.append(out)
                 contexts.append(context)
                 attns.append(a)
             pre_output = self.pre_output_of(torch.stack(outputs, 1), embedded, torch.stack(contexts, 1))
             attn = torch.stack(attns, dim=1) if attns[0] is not None else None
         return pre_output, attn
+
+    def _maybe_compiled(self, name: str, function):
+        """``function`` itself, or through torch.compile when ``compile_step`` is set (compiled once, for
+        any batch and source size). On a GPU this fuses the many small kernels of each step."""
+        if not self.compile_step:
+            return function
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(function, dynamic=True)
+        return self._compiled[name]
 
     def _fused(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput):
         hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
@@ -272,3 +362,40 @@ class Decoder(nn.Module):
         context = enc.context[:, None, :].expand(-1, embedded.size(1), -1)  # [B, T, He]
         output, _ = self.rnn(torch.cat([embedded, context], dim=-1), hx)
         return self.pre_output_of(output, embedded, context), None
+
+
+def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_gates: torch.Tensor, extra: list,
+                  hidden: torch.Tensor, cell_state: Optional[torch.Tensor]):
+    """One step of a stacked GRU / LSTM / RNN: the function nn.GRU etc. compute, written out.
+
+    Layer 0's input is [embedding; *extra]; its product with the embedding (plus bias) comes in as
+    ``emb_gates`` [B, G*D], and the ``extra`` vectors (context, fed vector) meet their column blocks of
+    the input weight here. weights: per layer (w_ih, w_hh, b_ih, b_hh); hidden, cell_state [L, B, D].
+    Returns (top-layer output [B, D], hidden [L, B, D], cell state [L, B, D] or None).
+    """
+    w_ih0 = weights[0][0]
+    gates_in, offset = emb_gates, w_ih0.size(1) - sum(part.size(-1) for part in extra)
+    for part in extra:
+        gates_in = gates_in + F.linear(part, w_ih0[:, offset:offset + part.size(-1)])
+        offset += part.size(-1)
+    hiddens, cells = [], []
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        if layer > 0:
+            gates_in = F.linear(F.dropout(hiddens[-1], dropout, training), w_ih, b_ih)
+        h = hidden[layer]
+        gates_h = F.linear(h, w_hh, b_hh)
+        if cell == "gru":
+            in_r, in_z, in_n = gates_in.chunk(3, -1)
+            h_r, h_z, h_n = gates_h.chunk(3, -1)
+            reset, update = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
+            candidate = torch.tanh(in_n + reset * h_n)
+            h = candidate + update * (h - candidate)
+        elif cell == "lstm":
+            i, f, g, o = (gates_in + gates_h).chunk(4, -1)
+            c = torch.sigmoid(f) * cell_state[layer] + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            cells.append(c)
+        else:
+            h = torch.tanh(gates_in + gates_h)
+        hiddens.append(h)
+    return hiddens[-1], torch.stack(hiddens), torch.stack(cells) if cells else None

@@ -26,7 +26,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # x [N, D], weight [V, D], bias [V] or None, target [N] -> summed loss (0-dim)
         vocab = weight.size(0)
         w = weight.to(low_precision) if low_precision is not None else weight
-        grad_x = torch.empty_like(x) if need_grad else None
+        grad_x = torch.empty_like(x, dtype=torch.float32) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_grad and bias is not None else None
         total = x.new_zeros((), dtype=torch.float32)
@@ -56,19 +56,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad.sub_((label_smoothing / vocab) * keep[:, None])
             grad.scatter_add_(1, tc[:, None], -(1 - label_smoothing) * keep[:, None])
             grad_low = grad.to(w.dtype)
-            grad_x[rows] = torch.mm(grad_low, w).to(x.dtype)
+            grad_x[rows] = torch.mm(grad_low, w)
             grad_w += torch.mm(grad_low.t(), xc).float()
             if grad_b is not None:
                 grad_b += grad.sum(0)
         if need_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+            ctx.save_for_backward(grad_x, grad_w, grad_b)
+            ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
-        return (grad_x * grad_total, grad_w * grad_total, None if grad_b is None else grad_b * grad_total,
-                None, None, None, None)
+        grad_x, grad_w, grad_b = ctx.saved_tensors  # float32; scaled first, then cast (fp16 would overflow)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        return ((grad_x * grad_total).to(x_dtype), (grad_w * grad_total).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_total).to(b_dtype), None, None, None, None)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
