@@ -157,6 +157,16 @@ class Decoder(nn.Module):
             context = context[:, 0]
         return output, context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
 
+    def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
+        parts = [output, context] if self.luong else [output, embedded, context]
+        return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
+
+    def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
+        """prev_tokens [B] -> (logits [B, V], new state, attention [B, S] or None). Pure: writes nothing."""
+        pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc)
+        return self.project(pre_output), state, attn
+
     # --- the RNN cell, written out so that the embedding's share of layer 0 is one product per batch ---
     @property
     def manual_cell(self) -> bool:
@@ -173,119 +183,6 @@ class Decoder(nn.Module):
         rnn = self.rnn
         return [tuple(getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                 for layer in range(rnn.num_layers)]
-
-    # --- the step -----------------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.emb_dropout(self.embedding(tokens))
-
-    def project(self, pre_output: torch.Tensor) -> torch.Tensor:
-        """pre-output vectors [..., D] -> logits [..., V] (float32)"""
-        if self.bf16_output and pre_output.device.type == "cpu":  # the largest matrix product, in bfloat16
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.output(self.dropout(pre_output)).float()
-        return self.output(self.dropout(pre_output))
-
-    def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
-                emb_gates: Optional[torch.Tensor] = None):
-        """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
-        output, context, state, attn = self.recur(embedded, state, enc, emb_gates)
-        pre_output = self.pre_output_of(output, embedded, context)
-        if self.input_feeding:
-            state = replace(state, feed=pre_output)
-        return pre_output, state, attn
-
-    def recur(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
-              emb_gates: Optional[torch.Tensor] = None):
-        """The recurrent half of a step: -> (RNN output [B, D], context [B, He], new state, attention).
-
-        For the Cho and Bahdanau modes the pre-output layer needs nothing from later steps, so
-        training runs this half step by step and the pre-output layer once over all positions.
-        ``emb_gates`` [B, G*D] is the first RNN layer's input product with the embedding, when
-        training has computed it for all positions at once (``embedding_products``).
-        """
-        attn = None
-        if self.luong:
-            extra = [state.feed] if self.input_feeding else []
-        else:
-            if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
-                context, attn = self._maybe_compiled("attention", self.attention)(
-                    state.hidden[-1][:, None, :], enc.keys, enc.memory, enc.mask)
-                context = context[:, 0]
-            else:
-                context = enc.context
-            extra = [context] + ([state.feed] if self.input_feeding else [])
-        if self.manual_cell:
-            if emb_gates is None:
-                emb_gates = self.embedding_products(embedded)
-            output, hidden, cell = self._maybe_compiled("cell", rnn_cell_step)(
-                self.cfg.cell, self._cell_weights(), self.rnn.dropout, self.training, emb_gates, extra,
-                state.hidden, state.cell)
-        else:  # e.g. a quantised RNN module: one step of it
-            hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
-            output, new_hx = self.rnn(torch.cat([embedded] + extra, dim=-1)[:, None, :], hx)
-            hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
-            output = output[:, 0]
-        if self.luong:
-            context, attn = self._maybe_compiled("attention", self.attention)(
-                output[:, None, :], enc.keys, enc.memory, enc.mask)
-            context = context[:, 0]
-        return output, context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
-
-    # --- the RNN cell, written out so that the embedding's share of layer 0 is one product per batch ---
-    @property
-    def manual_cell(self) -> bool:
-        return isinstance(self.rnn, (nn.GRU, nn.LSTM, nn.RNN))  # not a quantised module
-
-    def embedding_products(self, embedded: torch.Tensor) -> Optional[torch.Tensor]:
-        """embedded [B, T, E] -> its layer-0 input product plus bias [B, T, G*D], for all positions at once."""
-        if not self.manual_cell:
-            return None
-        emb_size = embedded.size(-1)
-        return F.linear(embedded, self.rnn.weight_ih_l0[:, :emb_size], self.rnn.bias_ih_l0)
-
-    def _cell_step(self, embedded: torch.Tensor, extra: list, state: DecoderState,
-                   emb_gates: Optional[torch.Tensor]):
-        """One step of the (stacked) GRU / LSTM / RNN, the same function as nn.GRU etc. compute."""
-        rnn, emb_size = self.rnn, embedded.size(-1)
-        weight = rnn.weight_ih_l0
-        gates_in = emb_gates if emb_gates is not None else F.linear(embedded, weight[:, :emb_size], rnn.bias_ih_l0)
-        offset = emb_size
-        for part in extra:  # context and / or fed vector: their column blocks of layer 0's input weight
-            gates_in = gates_in + F.linear(part, weight[:, offset:offset + part.size(-1)])
-            offset += part.size(-1)
-        hiddens, cells, layer_input = [], [], None
-        for layer in range(rnn.num_layers):
-            if layer > 0:
-                layer_input = F.dropout(hiddens[-1], rnn.dropout, self.training)
-                gates_in = F.linear(layer_input, getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"bias_ih_l{layer}"))
-            h = state.hidden[layer]
-            gates_h = F.linear(h, getattr(rnn, f"weight_hh_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"))
-            if isinstance(rnn, nn.GRU):
-                in_r, in_z, in_n = gates_in.chunk(3, -1)
-                h_r, h_z, h_n = gates_h.chunk(3, -1)
-                reset, update = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
-                candidate = torch.tanh(in_n + reset * h_n)
-                h = candidate + update * (h - candidate)
-            elif isinstance(rnn, nn.LSTM):
-                i, f, g, o = (gates_in + gates_h).chunk(4, -1)
-                c = torch.sigmoid(f) * state.cell[layer] + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                cells.append(c)
-            else:
-                h = torch.tanh(gates_in + gates_h)
-            hiddens.append(h)
-        cell = torch.stack(cells) if cells else None
-        return hiddens[-1], torch.stack(hiddens), cell
-
-    def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
-        parts = [output, context] if self.luong else [output, embedded, context]
-        return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
-
-    def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
-        """prev_tokens [B] -> (logits [B, V], new state, attention [B, S] or None). Pure: writes nothing."""
-        pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc)
-        return self.project(pre_output), state, attn
 
     # --- whole sequences (teacher forcing) --------------------------------------------------------
     @property
