@@ -68,3 +68,15 @@ def test_int8_quantised_translator_translates(translator):
     assert len(out) == 3 and out[1][0].text == ""
     assert type(quantised.model.decoder.output).__module__.startswith("torch.ao.nn.quantized")
     assert type(translator.model.decoder.output) is torch.nn.Linear  # the original model is untouched
+
+
+def test_bf16_translator_runs_its_matrix_products_in_bfloat16(translator, monkeypatch):
+    lines = ["The dog sees the cat.", "", "Two old men will buy a red car."]
+    bf16 = Translator(translator.bundle, translator.search_cfg, device="cpu", bf16=True)
+    seen = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: seen.append(real_linear(*a, **k).dtype) or
+                        real_linear(*a, **k))
+    out = bf16.translate(lines)
+    assert len(out) == 3 and out[1][0].text == "" and out[0][0].text
+    assert seen and set(seen) == {torch.bfloat16}

@@ -61,7 +61,6 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dec_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
-        self.bf16_output = False  # a run-time choice (translate --bf16), not saved
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
         if cfg.bridge == "learned":
@@ -105,10 +104,7 @@ class Decoder(nn.Module):
         return self.emb_dropout(self.embedding(tokens))
 
     def project(self, pre_output: torch.Tensor) -> torch.Tensor:
-        """pre-output vectors [..., D] -> logits [..., V] (float32)"""
-        if self.bf16_output and pre_output.device.type == "cpu":  # the largest matrix product, in bfloat16
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.output(self.dropout(pre_output)).float()
+        """pre-output vectors [..., D] -> logits [..., V]"""
         return self.output(self.dropout(pre_output))
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
@@ -205,10 +201,8 @@ class Decoder(nn.Module):
                                     label_smoothing, self._low_precision(pre_output.device))
 
     def _low_precision(self, device: torch.device) -> Optional[torch.dtype]:
-        """bfloat16 for the output layer under bf16 autocast, or on the CPU when ``bf16_output`` asks."""
+        """bfloat16 for the output layer under bf16 autocast."""
         if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16:
-            return torch.bfloat16
-        if device.type == "cpu" and self.bf16_output:
             return torch.bfloat16
         return None  # fp16 autocast keeps this layer in float32: its small gradients would underflow
 
