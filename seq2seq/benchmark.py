@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beams", default="1,5")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--decode-variants", default="fp32",
-                        help="comma-separated: fp32, bf16 (matrix products in bfloat16), int8 (dynamic quantisation)")
+                        help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation)")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args(argv)
     precision = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("trainer.precision=")), "fp32")

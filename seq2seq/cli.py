@@ -75,7 +75,7 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantisation of linear and GRU/LSTM layers (CPU only)")
     parser.add_argument("--bf16", action="store_true",
-                        help="matrix products in bfloat16 (fast on CPUs with AMX / AVX512-BF16, and on GPUs)")
+                        help="compute the output layer in bfloat16 (fast on CPUs with AMX / AVX512-BF16)")
 
 
 def load_translator(args: argparse.Namespace):

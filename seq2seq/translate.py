@@ -23,6 +23,7 @@ from seq2seq.batch import make_batch, sentence_batches
 from seq2seq.checkpoint import Bundle, ModelDirError, load_bundle
 from seq2seq.config import ConfigError, SearchConfig, merge_into
 from seq2seq.ensemble import load_ensemble
+from seq2seq.models.decoder import Decoder
 from seq2seq.runtime import quantize_int8, resolve_device
 from seq2seq.search import Hypothesis, search
 
@@ -67,7 +68,9 @@ class Translator:
             if self.device.type != "cpu":
                 raise ConfigError("int8 quantisation runs on the CPU only: add --device cpu")
             self.model = quantize_int8(self.model)
-        self.bf16 = bf16  # search under bfloat16 autocast: matrix products in bfloat16 (CPU with AMX, or GPU)
+        for module in self.model.modules() if bf16 else ():
+            if isinstance(module, Decoder):  # the output layer in bfloat16: on the CPU this beat
+                module.bf16_output = True  # autocast of the whole step (small products, many casts)
         self.search_cfg = search_cfg or bundle.config.search
         self.search_cfg.validate()
         self.max_src_len = bundle.config.data.truncate_len
@@ -105,9 +108,8 @@ class Translator:
         ids = [seq[: self.max_src_len] for seq in ids]
         for group in sentence_batches([len(s) for s in ids], self.search_cfg.batch_size):
             batch = make_batch([ids[g] for g in group]).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                hyps = search(self.model, batch.src, batch.src_len, self.search_cfg, n_best=n_best,
-                              return_attention=return_attention)
+            hyps = search(self.model, batch.src, batch.src_len, self.search_cfg, n_best=n_best,
+                          return_attention=return_attention)
             for g, nbest in zip(group, hyps):
                 results[todo[g]] = [self._to_translation(h, ids[g]) for h in nbest[:n_best]]
         for i, line in enumerate(lines):

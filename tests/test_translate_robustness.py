@@ -70,7 +70,7 @@ def test_int8_quantised_translator_translates(translator):
     assert type(translator.model.decoder.output) is torch.nn.Linear  # the original model is untouched
 
 
-def test_bf16_translator_runs_its_matrix_products_in_bfloat16(translator, monkeypatch):
+def test_bf16_translator_runs_its_output_layer_in_bfloat16(translator, monkeypatch):
     lines = ["The dog sees the cat.", "", "Two old men will buy a red car."]
     bf16 = Translator(translator.bundle, translator.search_cfg, device="cpu", bf16=True)
     seen = []
@@ -79,4 +79,4 @@ def test_bf16_translator_runs_its_matrix_products_in_bfloat16(translator, monkey
                         real_linear(*a, **k))
     out = bf16.translate(lines)
     assert len(out) == 3 and out[1][0].text == "" and out[0][0].text
-    assert seen and set(seen) == {torch.bfloat16}
+    assert torch.bfloat16 in seen and torch.float32 in seen  # the output layer; the rest stays float32

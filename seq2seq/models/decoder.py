@@ -61,6 +61,7 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dec_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
+        self.bf16_output = False  # a run-time choice (translate --bf16): the output layer in bfloat16
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
         if cfg.bridge == "learned":
@@ -105,6 +106,9 @@ class Decoder(nn.Module):
 
     def project(self, pre_output: torch.Tensor) -> torch.Tensor:
         """pre-output vectors [..., D] -> logits [..., V]"""
+        if self.bf16_output:  # the largest matrix product, in bfloat16
+            with torch.autocast(pre_output.device.type, dtype=torch.bfloat16):
+                return self.output(self.dropout(pre_output)).float()
         return self.output(self.dropout(pre_output))
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
