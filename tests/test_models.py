@@ -241,19 +241,3 @@ def test_compiled_step_equals_eager():
     model.decoder.compile_step = True
     for a, b in zip(eager + expected, compiled + loss_and_gradients(model, other)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("cell,bidirectional", [("gru", True), ("rnn", True), ("gru", False)])
-def test_direction_by_direction_encoder_equals_packed_sequences(cell, bidirectional):
-    """The CPU's encoder path (each direction over padded input, the backward one reversed within each
-    sentence) gives what packed sequences give: outputs, zeros at padding, final states, gradients."""
-    torch.manual_seed(12)
-    model = Seq2Seq(tiny_model_config(cell=cell, enc_layers=2, bidirectional=bidirectional), 20, 20)
-    batch, _, _ = random_batch(20, [6, 2, 9, 4], seed=13)
-    results = []
-    for packed in (True, False):
-        enc = model.encoder(batch.src, batch.src_len, packed=packed)
-        grads = torch.autograd.grad((enc.memory ** 2).sum() + enc.final.sum(), list(model.encoder.parameters()))
-        results.append([enc.memory, enc.final, *grads])
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-5)
