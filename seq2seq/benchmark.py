@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation)")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args(argv)
-    precision = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("trainer.precision=")), "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from seq2seq.runtime import autocast_dtype
+
+    dtype = autocast_dtype(compose(args.overrides).trainer.precision) or torch.float32  # the run's matmul type
     result = {"threads": args.threads, "device": args.device, "overrides": args.overrides, "torch": torch.__version__,
               "matmul_dtype": str(dtype), "matmul_gflops": matmul_rate(args.threads, device=args.device, dtype=dtype)}
     if args.device != "cpu":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Optional
 
 import torch
 
@@ -21,6 +22,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    """trainer.precision -> the autocast type (None for fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def set_seed(seed: int) -> None:

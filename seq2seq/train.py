@@ -31,7 +31,7 @@ from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, save_checkpoint
-from seq2seq.runtime import resolve_device, set_seed, set_threads
+from seq2seq.runtime import autocast_dtype, resolve_device, set_seed, set_threads
 from seq2seq.tokenizer import Tokenizer, train_tokenizers
 from seq2seq.translate import Translator
 
@@ -118,7 +118,7 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
     ``scaler``); bf16 pays on CPUs with AMX or AVX512-BF16 as well as on GPUs.
     """
     device = device or batch.src.device
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+    amp_dtype = autocast_dtype(t.precision)
     optimizer.zero_grad(set_to_none=True)
     try:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

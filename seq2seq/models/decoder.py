@@ -205,8 +205,9 @@ class Decoder(nn.Module):
                                     label_smoothing, self._low_precision(pre_output.device))
 
     def _low_precision(self, device: torch.device) -> Optional[torch.dtype]:
-        """bfloat16 for the output layer under bf16 autocast."""
-        if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16:
+        """bfloat16 for the output layer under bf16 autocast, or where ``bf16_output`` asks (as ``project``)."""
+        if self.bf16_output or (torch.is_autocast_enabled(device.type)
+                                and torch.get_autocast_dtype(device.type) == torch.bfloat16):
             return torch.bfloat16
         return None  # fp16 autocast keeps this layer in float32: its small gradients would underflow
 
@@ -217,21 +218,21 @@ class Decoder(nn.Module):
         embedded = self.embed(tgt_in)  # [B, T, E], all positions at once
         fused = self.can_fuse if fused is None else fused
         if fused and self.can_fuse:
-            pre_output, attn = self._fused(embedded, state, enc)
-        elif self.input_feeding:  # each step needs the previous pre-output
+            return self._fused(embedded, state, enc)
+        emb_gates = self.embedding_products(embedded)  # [B, T, G*D] or None
+        gates = [None] * tgt_in.size(1) if emb_gates is None else emb_gates.unbind(1)
+        if self.input_feeding:  # each step needs the previous pre-output
             outputs, attns = [], []
-            emb_gates = self.embedding_products(embedded)
             for t in range(tgt_in.size(1)):
-                out, state, a = self.advance(embedded[:, t], state, enc, None if emb_gates is None else emb_gates[:, t])
+                out, state, a = self.advance(embedded[:, t], state, enc, gates[t])
                 outputs.append(out)
                 attns.append(a)
             pre_output = torch.stack(outputs, dim=1)  # [B, T, D]
             attn = torch.stack(attns, dim=1)
         else:  # the recurrent half step by step, the pre-output layer once for all positions
             outputs, contexts, attns = [], [], []
-            emb_gates = self.embedding_products(embedded)
             for t in range(tgt_in.size(1)):
-                out, context, state, a = self.recur(embedded[:, t], state, enc, None if emb_gates is None else emb_gates[:, t])
+                out, context, state, a = self.recur(embedded[:, t], state, enc, gates[t])
                 outputs.append(out)
                 contexts.append(context)
                 attns.append(a)
@@ -241,7 +242,7 @@ class Decoder(nn.Module):
 
     def _maybe_compiled(self, name: str, function):
         """``function`` itself, or through torch.compile when ``compile_step`` is set (compiled once, for
-        any batch and source size). On a GPU this fuses the many small kernels of each step."""
+        any batch and source size): fewer, fused kernels per step, at a per-call cost of its own."""
         if not self.compile_step:
             return function
         if name not in self._compiled:
