@@ -64,6 +64,8 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="GNMT length penalty alpha")
     parser.add_argument("--length-penalty", choices=("gnmt", "average"), default=None,
                         help="gnmt (with --alpha) or average (score / length)")
+    parser.add_argument("--stopping", choices=("bound", "early"), default=None,
+                        help="beam search: bound (exact) or early (stop once the best extension ends; faster)")
     parser.add_argument("--min-len", type=int, default=None, help="no end of sentence before this many tokens")
     parser.add_argument("--no-repeat-ngram", type=int, default=None, help="never repeat an n-gram of this size")
     parser.add_argument("--forbid-unk", action="store_true", default=None, help="never output <unk>")
@@ -88,7 +90,7 @@ def load_translator(args: argparse.Namespace):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return Translator.from_dirs(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
-                                length_penalty=args.length_penalty, min_len=args.min_len,
+                                length_penalty=args.length_penalty, stopping=args.stopping, min_len=args.min_len,
                                 no_repeat_ngram=args.no_repeat_ngram, forbid_unk=args.forbid_unk,
                                 quantize=args.quantize, bf16=args.bf16)
 

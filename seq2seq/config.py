@@ -140,6 +140,9 @@ class SearchConfig:
     beam_size: int = 1  # 1 = greedy
     alpha: float = 0.0  # GNMT length penalty; 0 = raw log-probability
     length_penalty: str = "gnmt"  # gnmt (uses alpha) | average (score / length)
+    # beam search: when a sentence stops. bound: once no live hypothesis can beat the n-th best finished one
+    # (exact); early: once its best extension at a step ends in EOS (as OpenNMT-py, Joey NMT: fewer steps)
+    stopping: str = "bound"
     max_len_a: float = 1.5  # max output length = a * source length + b
     max_len_b: int = 10
     batch_size: int = 64  # sentences per decoding batch
@@ -150,6 +153,7 @@ class SearchConfig:
     def validate(self) -> None:
         _check_positive("search.beam_size", self.beam_size)
         _check_choice("search.length_penalty", self.length_penalty, ("gnmt", "average"))
+        _check_choice("search.stopping", self.stopping, ("bound", "early"))
         _check_positive("search.min_len", self.min_len, allow_zero=True)
         _check_positive("search.no_repeat_ngram", self.no_repeat_ngram, allow_zero=True)
         _check_positive("search.batch_size", self.batch_size)

@@ -13,12 +13,15 @@ probability, the same in greedy and beam search.
 
 Beam search (:func:`beam_search`) runs all sentences and beams as one [B*K] batch. At each step it
 ranks the 2K best extensions of each sentence; those among the top K that end in EOS are finished,
-the K best that do not end in EOS stay live (so K = 1 is exactly greedy search). A sentence stops
-when it holds N = max(K, n_best) finished hypotheses and no live one can reach the N-th best of
-them, and a live one can only lose: its log-probability falls and its length penalty is at most
-that of the maximum length. The rule depends on the sentence alone, so results do not depend on
-which sentences share the batch, and they equal those of running every beam to its maximum length
-(up to exact ties).
+the K best that do not end in EOS stay live (so K = 1 is exactly greedy search). When a sentence
+stops is ``SearchConfig.stopping``:
+- ``early`` (as OpenNMT-py and Joey NMT): once its best extension at some step has ended in EOS and
+  it holds n_best finished hypotheses.
+- ``bound``: once it holds n_best finished hypotheses and no live one can reach the n_best-th of
+  them; a live one can only lose, as its log-probability falls and its length penalty is at most
+  that of the maximum length. The n-best list equals that of running every beam to its maximum
+  length (up to exact ties), at the cost of more steps.
+Both rules depend on the sentence alone, so results do not depend on which sentences share the batch.
 """
 from __future__ import annotations
 
@@ -160,6 +163,50 @@ def _top_candidates(scores: torch.Tensor, log_probs: torch.Tensor, k: int):
     return cand_scores, torch.div(index, width, rounding_mode="floor"), row_tokens.view(b, k * width).gather(1, index)
 
 
+def _block_width(vocab: int) -> Optional[int]:
+    """A divisor of the vocabulary size near 64 (the fast candidate selection's block), or None."""
+    for width in sorted(range(16, 129), key=lambda w: abs(w - 64)):
+        if vocab % width == 0 and vocab // width >= 2:
+            return width
+    return None
+
+
+def _top_candidates_thresholded(scores: torch.Tensor, log_probs: torch.Tensor, k: int):
+    """The result of :func:`_top_candidates` without a top-k over every row's whole vocabulary (slow on CPUs).
+
+    The vocabulary is cut into blocks. The 2K-th best of a sentence's block maxima (plus beam scores) is a
+    threshold that at least 2K of its extensions reach, and so does each of its 2K best; only the blocks
+    whose maximum reaches it are searched. Ties rank by beam, then token. Returns None where it does not
+    apply (a vocabulary without a block width, too few live extensions).
+    """
+    b, vocab, width = scores.size(0), log_probs.size(-1), 2 * k
+    block = _block_width(vocab)
+    if block is None:
+        return None
+    blocks = log_probs.view(b * k, vocab // block, block)  # [b*K, N, block]
+    maxima = blocks.amax(-1)  # [b*K, N]
+    block_totals = (scores.reshape(-1, 1) + maxima).view(b, -1)  # [b, K*N]
+    if block_totals.size(1) < width:
+        return None
+    threshold = block_totals.topk(width, dim=1).values[:, -1]  # [b]
+    if not torch.isfinite(threshold).all():
+        return None
+    # a margin below, so that rounding in (threshold - score) never drops an extension that reaches it
+    row_threshold = (threshold[:, None] - scores).reshape(-1, 1) - 1e-3  # [b*K, 1]; +inf for dead beams
+    block_rows, block_ids = (maxima >= row_threshold).nonzero(as_tuple=True)  # [m] each, row-major
+    values = blocks[block_rows, block_ids]  # [m, block]
+    pair, offset = (values >= row_threshold[block_rows]).nonzero(as_tuple=True)  # [n] each
+    rows, tokens = block_rows[pair], block_ids[pair] * block + offset  # in (beam, token) order
+    totals = scores.reshape(-1)[rows] + values[pair, offset]  # [n]
+    sentence = torch.div(rows, k, rounding_mode="floor")
+    order = totals.argsort(descending=True, stable=True)  # best first, ties in (beam, token) order
+    order = order[sentence[order].argsort(stable=True)]  # grouped by sentence, each group best first
+    counts = torch.bincount(sentence, minlength=b)
+    starts = counts.cumsum(0) - counts  # [b] where each sentence's group begins
+    pick = order[(starts[:, None] + torch.arange(width, device=scores.device)).view(-1)].view(b, width)
+    return totals[pick], rows[pick] - torch.arange(b, device=scores.device)[:, None] * k, tokens[pick]
+
+
 def _live_positions(cand_tokens: torch.Tensor, k: int) -> torch.Tensor:
     """Positions [b, K] of the K best candidates that do not end in EOS (each parent gives at most one
     EOS candidate, so there are always K), in candidate order."""
@@ -178,7 +225,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     if n_best < 1:
         raise ValueError(f"n_best={n_best} must be at least 1")
     batch, k, device = src.size(0), cfg.beam_size, src.device
-    keep = max(k, n_best)  # finished hypotheses kept per sentence; the stopping rule waits for this many
+    keep = n_best  # finished hypotheses kept per sentence; the stopping rule waits for this many
     penalty = penalty_of(cfg)
     enc = model.encode(src, src_len)
     beams = torch.arange(batch, device=device).repeat_interleave(k)  # [B*K] sentence of each row
@@ -191,6 +238,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     attn_history: Optional[torch.Tensor] = None  # [b, K, t, S] when attention is returned
     prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)  # [b*K]
     found: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    best_ended = [False] * batch  # per sentence: its best extension at some step ended in EOS (early stopping)
     t = 0
     while active:
         logits, state, attn = model.step(prev, state, enc)  # logits [b*K, V], attn [b*K, S] or None
@@ -202,7 +250,10 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
         if return_attention and attn is not None:  # still indexed by parent beam: [b, K, t, S]
             step_attn = attn.float().view(b, k, 1, -1)
             attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 2)
-        cand_scores, cand_beams, cand_tokens = _top_candidates(scores, log_probs, k)  # each [b, 2K]
+        candidates = _top_candidates_thresholded(scores, log_probs, k)
+        if candidates is None:
+            candidates = _top_candidates(scores, log_probs, k)
+        cand_scores, cand_beams, cand_tokens = candidates  # each [b, 2K]
 
         # finish the EOS candidates among the top K
         eos = (cand_tokens[:, :k] == EOS_ID) & (cand_scores[:, :k] > NEG_INF)  # [b, K]
@@ -226,7 +277,14 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
         if attn_history is not None:
             attn_history = attn_history.view(b * k, t, -1)[rows_flat].view(b, k, t, -1)
 
-        done = _finish_sentences(active, found, scores, history, attn_history, limits, lengths, t, penalty, keep)
+        if cfg.stopping == "early":
+            for row in (cand_tokens[:, 0] == EOS_ID).nonzero().view(-1).tolist():
+                best_ended[active[row]] = True
+            settled = [best_ended[sentence] and len(found[sentence]) >= n_best for sentence in active]
+        else:
+            settled = None
+        done = _finish_sentences(active, found, scores, history, attn_history, limits, lengths, t, penalty, keep,
+                                 settled)
         if all(done):
             break
         kept = torch.tensor([row for row in range(b) if not done[row]], dtype=torch.long, device=device)
@@ -243,9 +301,11 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
 
 def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: torch.Tensor,
                       history: torch.Tensor, attn_history: Optional[torch.Tensor], limits: list[int],
-                      lengths: list[int], t: int, penalty: Callable[[int], float], keep: int) -> list[bool]:
+                      lengths: list[int], t: int, penalty: Callable[[int], float], keep: int,
+                      settled: Optional[list[bool]] = None) -> list[bool]:
     """Decide which sentences stop after step t; those at their maximum length finish their live beams
-    as they are. scores [b, K] (best first), history [b, K, t], attn_history [b, K, t, S] or None."""
+    as they are. scores [b, K] (best first), history [b, K, t], attn_history [b, K, t, S] or None.
+    settled: per row, whether early stopping stops it (the bound rule always may); None for the bound rule."""
     all_scores = scores.tolist()
     done = []
     for row, sentence in enumerate(active):
@@ -253,7 +313,7 @@ def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: 
         # the best normalized score any live hypothesis could still reach (scores are <= 0)
         bound = all_scores[row][0] / penalty(limits[sentence])
         worst = hyps[keep - 1].normalized_score if len(hyps) >= keep else NEG_INF
-        stop = at_limit or bound <= worst
+        stop = at_limit or bound <= worst or (settled is not None and settled[row])
         if stop and (at_limit or not hyps):  # at the limit, or every beam dead (all tokens banned)
             row_tokens = history[row].tolist()  # [K][t]
             for beam, score in enumerate(all_scores[row]):

@@ -78,7 +78,7 @@ def test_user_errors_are_one_line(model_dir, script, args, message):
 
 def test_translate_search_flags_and_n_best(model_dir):
     result = run("translate.py", "--model", str(model_dir), "--beam", "3", "--n-best", "2", "--length-penalty",
-                 "average", "--min-len", "2", "--no-repeat-ngram", "2", "--forbid-unk",
+                 "average", "--stopping", "early", "--min-len", "2", "--no-repeat-ngram", "2", "--forbid-unk",
                  stdin=b"The dog sees a cat.\n\nA man.\n")
     rows = [line.split("\t") for line in result.stdout.decode().splitlines()]
     assert [int(r[0]) for r in rows] == [0, 0, 1, 2, 2] and all(len(r) == 3 for r in rows)  # empty line: one row

@@ -10,7 +10,8 @@ import torch
 from seq2seq.batch import make_batch
 from seq2seq.config import ConfigError, SearchConfig
 from seq2seq.models.seq2seq import Seq2Seq
-from seq2seq.search import beam_search, greedy_search, length_penalty, max_lengths, search
+from seq2seq.search import (_top_candidates, _top_candidates_thresholded, beam_search, greedy_search,
+                            length_penalty, max_lengths, search)
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from tests.conftest import tiny_model_config
 
@@ -71,7 +72,8 @@ REPEAT = {(): {A: .6, EOS_ID: .4}, (A,): {A: .6, B: .1, EOS_ID: .3}, (A, A): {EO
 
 
 def run_scripted(table, beam: int, n_best: int = 1, **cfg):
-    """beam = 0: greedy_search; else beam_search of that width."""
+    """beam = 0: greedy_search; else beam_search of that width (exact stopping unless cfg says otherwise)."""
+    cfg.setdefault("stopping", "bound")
     model = ScriptedModel({7: table})
     src, src_len = torch.tensor([[7, 8]]), torch.tensor([2])
     config = SearchConfig(beam_size=max(beam, 1), max_len_a=0, max_len_b=10, **cfg)
@@ -122,6 +124,26 @@ def test_length_penalty_bound_keeps_searching():
     hyps = run_scripted(table, beam=1, alpha=1.0)
     assert_hyps(hyps, [([A, A], .45 * .95)])
     assert hyps[0].normalized_score == pytest.approx(log(.45 * .95) / (8 / 6), abs=1e-6)
+
+
+def test_early_stopping_stops_when_the_best_extension_ends():
+    """The table of the test above: with early stopping, K = 1 stops at step 1, where EOS is best."""
+    table = {(): {EOS_ID: .5, A: .45, B: .05}, (A,): {A: .95, EOS_ID: .05}, (A, A): {EOS_ID: 1.0}}
+    model = ScriptedModel({7: table})
+    src, src_len = torch.tensor([[7, 8]]), torch.tensor([2])
+    for stopping, expected, rows in (("early", [], [1]), ("bound", [A, A], [1, 1, 1])):
+        model.rows_per_step.clear()
+        cfg = SearchConfig(beam_size=1, alpha=1.0, max_len_a=0, max_len_b=10, stopping=stopping)
+        assert beam_search(model, src, src_len, cfg)[0][0].tokens == expected
+        assert model.rows_per_step == rows
+
+
+def test_early_stopping_waits_for_n_best():
+    # step 1 finishes [] (0.1); at step 2 the best extension ends ([B], 0.36) and [A] (0.2) ends too: 3 found
+    assert_hyps(run_scripted(GREEDY_WRONG, beam=3, n_best=3, stopping="early"), [([B], .36), ([A], .2), ([], .1)])
+    # n_best = 4 needs a fourth: [A, A] or [A, B] (tied at 0.15) finish at step 3
+    hyps = run_scripted(GREEDY_WRONG, beam=3, n_best=4, stopping="early")
+    assert [h.tokens for h in hyps[:3]] == [[B], [A], [A, A]] and len(hyps) == 4
 
 
 def test_n_best_larger_than_the_beam():
@@ -215,15 +237,17 @@ def steps_of(hyp, limit):
     return len(hyp.tokens) if len(hyp.tokens) == limit else len(hyp.tokens) + 1
 
 
-@pytest.mark.parametrize("cell,attention", list(itertools.product(("gru", "lstm"),
-                                                                  ("bahdanau", "luong_general", "none"))))
-def test_beam_size_one_is_greedy(cell, attention):
-    batch = random_sources(12)
+@pytest.mark.parametrize("cell,attention,vocab", [(c, a, VOCAB) for c, a in itertools.product(
+    ("gru", "lstm"), ("bahdanau", "luong_general", "none"))] + [("gru", "bahdanau", 256)])
+def test_beam_size_one_is_greedy(cell, attention, vocab):
+    """vocab 256: beam search ranks candidates through vocabulary blocks (the fast path)."""
+    batch = random_sources(12, vocab=vocab)
     cfg = SearchConfig(beam_size=1, max_len_a=1.0, max_len_b=3)
     limits = max_lengths(batch.src_len, cfg).tolist()
     ended_with_eos = set()
-    for eos_bias in (-2.0, 0.3):  # mostly outputs cut at the length limit, then mostly ended by EOS
-        model = make_model(cell, attention, eos_bias=eos_bias)
+    # mostly outputs cut at the length limit, then mostly ended by EOS
+    for eos_bias in (-2.0, 0.3 if vocab == VOCAB else 3.0):
+        model = make_model(cell, attention, vocab=vocab, eos_bias=eos_bias)
         greedy = greedy_search(model, batch.src, batch.src_len, cfg, return_attention=True)
         beam = beam_search(model, batch.src, batch.src_len, cfg, return_attention=True)
         ended_with_eos |= {len(g[0].tokens) < limit for g, limit in zip(greedy, limits)}
@@ -238,11 +262,14 @@ def test_beam_size_one_is_greedy(cell, attention):
     assert ended_with_eos == {True, False}  # both ways of ending were compared
 
 
-@pytest.mark.parametrize("beam,alpha", [(1, 0.0), (3, 0.0), (5, 0.0), (3, 1.0), (5, 0.6)])
-def test_results_do_not_depend_on_the_batch(beam, alpha):
-    model = make_model("gru", "bahdanau", eos_bias=1.0)
-    batch = random_sources(64, max_len=15)
-    cfg = SearchConfig(beam_size=beam, alpha=alpha, max_len_a=1.0, max_len_b=3)
+@pytest.mark.parametrize("beam,alpha,stopping,vocab", [(1, 0.0, "bound", VOCAB), (3, 0.0, "bound", VOCAB),
+                                                       (5, 0.0, "bound", VOCAB), (3, 1.0, "bound", VOCAB),
+                                                       (5, 0.6, "bound", VOCAB), (5, 1.0, "early", VOCAB),
+                                                       (5, 1.0, "early", 256), (3, 0.6, "bound", 256)])
+def test_results_do_not_depend_on_the_batch(beam, alpha, stopping, vocab):
+    model = make_model("gru", "bahdanau", vocab=vocab, eos_bias=1.0)
+    batch = random_sources(64, vocab=vocab, max_len=15)
+    cfg = SearchConfig(beam_size=beam, alpha=alpha, max_len_a=1.0, max_len_b=3, stopping=stopping)
     together = beam_search(model, batch.src, batch.src_len, cfg, n_best=beam)
     for i, hyps in enumerate(together):
         n = int(batch.src_len[i])
@@ -282,7 +309,7 @@ def test_large_beam_equals_exhaustive_search(alpha):
     model = make_model("gru", "bahdanau", vocab=vocab, seed=3, eos_bias=1.0)
     # K = 8 * 8 * 9 keeps every prefix and finishes every EOS candidate before the last step; at the
     # last step the best outputs are the best candidates. So the beam is exhaustive.
-    cfg = SearchConfig(beam_size=8 * 8 * 9, alpha=alpha, max_len_a=0, max_len_b=max_len)
+    cfg = SearchConfig(beam_size=8 * 8 * 9, alpha=alpha, max_len_a=0, max_len_b=max_len, stopping="bound")
     batch = random_sources(3, vocab=vocab, max_len=5, seed=4)
     found = beam_search(model, batch.src, batch.src_len, cfg, n_best=10)
     for i in range(3):
@@ -368,3 +395,27 @@ def test_average_length_penalty_ranks_by_mean_log_probability():
         assert [h.normalized_score for h in hyps] == sorted((h.normalized_score for h in hyps), reverse=True)
     with pytest.raises(ConfigError, match="search.length_penalty='median' is not one of gnmt, average"):
         SearchConfig(length_penalty="median").validate()
+
+
+@pytest.mark.parametrize("k,vocab", [(5, 8000), (1, 640), (3, 10000)])
+def test_block_candidates_equal_a_full_top_k(k, vocab):
+    """The fast candidate ranking (vocabulary blocks under a threshold) against topk over every token,
+    with dead beams and banned tokens; random scores have no ties."""
+    g = torch.Generator().manual_seed(k)
+    b = 9
+    log_probs = torch.log_softmax(torch.randn(b * k, vocab, generator=g) * 3, -1)
+    log_probs[:, :3] = float("-inf")
+    log_probs[5, EOS_ID] = float("-inf")
+    scores = -torch.rand(b, k, generator=g) * 10
+    scores[2, 1:] = float("-inf")  # one live beam, as at the first step
+    fast = _top_candidates_thresholded(scores, log_probs, k)
+    assert fast is not None
+    for got, want in zip(fast, _top_candidates(scores, log_probs, k)):
+        assert torch.equal(got, want)
+
+
+def test_block_candidates_step_aside_where_they_do_not_apply():
+    scores = torch.zeros(2, 5)
+    assert _top_candidates_thresholded(scores, torch.zeros(10, 20), 5) is None  # no block width for 20
+    scores[1, 1:] = float("-inf")  # 1 live beam x 2 blocks of 64 < 2K = 10 extensions to rank
+    assert _top_candidates_thresholded(scores, torch.randn(10, 128).log_softmax(-1), 5) is None

@@ -70,13 +70,20 @@ def test_int8_quantised_translator_translates(translator):
     assert type(translator.model.decoder.output) is torch.nn.Linear  # the original model is untouched
 
 
-def test_bf16_translator_runs_its_output_layer_in_bfloat16(translator, monkeypatch):
+def test_bf16_translator_runs_its_output_layer_in_bfloat16(translator):
     lines = ["The dog sees the cat.", "", "Two old men will buy a red car."]
     bf16 = Translator(translator.bundle, translator.search_cfg, device="cpu", bf16=True)
-    seen = []
-    real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: seen.append(real_linear(*a, **k).dtype) or
-                        real_linear(*a, **k))
     out = bf16.translate(lines)
     assert len(out) == 3 and out[1][0].text == "" and out[0][0].text
-    assert torch.bfloat16 in seen and torch.float32 in seen  # the output layer; the rest stays float32
+    decoder = bf16.model.decoder
+    assert decoder._bf16_weight_cache[1].dtype == torch.bfloat16  # the output layer ran in bfloat16
+    pre_output = torch.randn(7, decoder.output.in_features)
+    with torch.no_grad():
+        logits = decoder.project(pre_output)
+        expected = (pre_output.bfloat16() @ decoder.output.weight.t().bfloat16()).float() + decoder.output.bias
+        assert logits.dtype == torch.float32 and torch.allclose(logits, expected, atol=1e-3)
+        assert not torch.equal(logits, decoder.output(pre_output))  # not the float32 product
+        decoder.output.weight.mul_(2)  # a changed weight is cast again, not served from the cache
+        assert torch.allclose(decoder.project(pre_output) - decoder.output.bias, 2 * (expected - decoder.output.bias),
+                              atol=1e-2)
+        decoder.output.weight.div_(2)

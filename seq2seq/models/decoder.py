@@ -62,6 +62,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
         self.bf16_output = False  # a run-time choice (translate --bf16): the output layer in bfloat16
+        self._bf16_weight_cache = None  # (key, weight [D, V]) for bf16_output decoding
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
         if cfg.bridge == "learned":
@@ -106,10 +107,27 @@ class Decoder(nn.Module):
 
     def project(self, pre_output: torch.Tensor) -> torch.Tensor:
         """pre-output vectors [..., D] -> logits [..., V]"""
-        if self.bf16_output:  # the largest matrix product, in bfloat16
+        if self.bf16_output and not torch.is_grad_enabled():  # decoding: the largest product in bfloat16
+            weight_t = self._bf16_output_weight()  # [D, V]
+            flat = pre_output.reshape(-1, pre_output.size(-1)).to(torch.bfloat16)  # [R, D]
+            rows = flat.size(0)
+            # rows padded to a multiple of 32: oneDNN builds a kernel per shape, and search shrinks the batch
+            flat = F.pad(flat, (0, 0, 0, -rows % 32))
+            # float32 bias + bfloat16 products -> float32 logits, in one pass
+            return (self.output.bias + torch.mm(flat, weight_t))[:rows].view(*pre_output.shape[:-1], -1)
+        if self.bf16_output:
             with torch.autocast(pre_output.device.type, dtype=torch.bfloat16):
                 return self.output(self.dropout(pre_output)).float()
         return self.output(self.dropout(pre_output))
+
+    def _bf16_output_weight(self) -> torch.Tensor:
+        """The output weight transposed, contiguous and in bfloat16 [D, V]: made once, not at every step
+        (casting it per step cost as much as the product). Remade when the weight changes."""
+        weight = self.output.weight
+        key = (weight.data_ptr(), weight._version, weight.device)
+        if self._bf16_weight_cache is None or self._bf16_weight_cache[0] != key:
+            self._bf16_weight_cache = (key, weight.detach().t().contiguous().to(torch.bfloat16))
+        return self._bf16_weight_cache[1]
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
                 emb_gates: Optional[torch.Tensor] = None):
