@@ -20,6 +20,8 @@ from torch import nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
+from seq2seq.models.dropout import Dropout
+from seq2seq.models.dropout import dropout as fast_dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
 
@@ -44,8 +46,8 @@ class Decoder(nn.Module):
         self.luong = cfg.attention.startswith("luong")
         self.input_feeding = cfg.input_feeding and cfg.attention != "none"
         self.embedding = nn.Embedding(vocab_size, emb_size, padding_idx=0)
-        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.emb_dropout = Dropout(cfg.emb_dropout)
+        self.dropout = Dropout(cfg.dropout)
 
         rnn_input = emb_size + (dec_size if self.input_feeding else 0) + (0 if self.luong else enc_size)  # [y; h~; c]
         self.rnn = make_rnn(cfg.cell, rnn_input, dec_size, cfg.dec_layers, cfg.dropout)
@@ -295,7 +297,7 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
     hiddens, cells = [], []
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if layer > 0:
-            gates_in = F.linear(F.dropout(hiddens[-1], dropout, training), w_ih, b_ih)
+            gates_in = F.linear(fast_dropout(hiddens[-1], dropout, training), w_ih, b_ih)
         h = hidden[layer]
         gates_h = F.linear(h, w_hh, b_hh)
         if cell == "gru":

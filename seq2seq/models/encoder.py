@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import ModelConfig
+from seq2seq.models.dropout import Dropout
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
@@ -45,11 +46,11 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, embedding: Optional[nn.Embedding] = None):
         super().__init__()
         self.embedding = embedding if embedding is not None else nn.Embedding(vocab_size, cfg.emb_size, padding_idx=0)
-        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.emb_dropout = Dropout(cfg.emb_dropout)
         self.directions = 2 if cfg.bidirectional else 1
         self.rnn = make_rnn(cfg.cell, cfg.emb_size, cfg.enc_hidden_size // self.directions, cfg.enc_layers,
                             cfg.dropout, cfg.bidirectional)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.num_layers = cfg.enc_layers
         self.hidden_size = cfg.enc_hidden_size
 

@@ -1,0 +1,50 @@
+"""The fast CPU dropout: the mask's rate, the scaling, the gradient, and where it steps aside."""
+import pytest
+import torch
+
+from seq2seq.models.dropout import LEVELS, Dropout, dropout
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_drop_rate_and_scale(p):
+    torch.manual_seed(0)
+    x = torch.ones(400_003)  # not a multiple of 4: the last draw is used in part
+    y = dropout(x, p, True)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(p, abs=0.004)  # 400k draws: std of the rate < 0.001
+    kept = y[y != 0]
+    assert torch.all(kept == LEVELS / (LEVELS - round(p * LEVELS)))  # 1 / (1 - p), exactly
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_masks_differ_per_call_and_follow_the_seed():
+    x = torch.ones(10_000)
+    torch.manual_seed(3)
+    a, b = dropout(x, 0.3, True), dropout(x, 0.3, True)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.3, True), a) and not torch.equal(a, b)
+
+
+def test_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(1)
+    x = torch.randn(64, 33, requires_grad=True)
+    y = dropout(x, 0.25, True)
+    y.sum().backward()
+    scale = LEVELS / (LEVELS - round(0.25 * LEVELS))
+    assert torch.allclose(x.grad, (y != 0).float() * scale)
+    assert torch.allclose(y, x.detach() * x.grad)
+
+
+def test_evaluation_and_edge_rates_are_plain():
+    x = torch.randn(5, 7)
+    module = Dropout(0.4).eval()
+    assert torch.equal(module(x), x)
+    assert torch.equal(dropout(x, 0.0, True), x)
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)
+
+
+def test_bfloat16_input_stays_bfloat16():
+    y = dropout(torch.ones(100, dtype=torch.bfloat16), 0.2, True)
+    assert y.dtype == torch.bfloat16
