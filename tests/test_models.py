@@ -187,13 +187,23 @@ def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, ti
     assert torch.allclose(again, plain.detach(), rtol=1e-5)
 
 
-def test_chunked_output_loss_in_bfloat16_is_close():
+def test_chunked_output_loss_in_bfloat16_is_close(monkeypatch):
+    """Loss and gradients; chunks of 8 rows, weight gradients over groups of 2 chunks (the last one part)."""
+    monkeypatch.setattr(output_loss, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(output_loss, "LOW_PRECISION_GROUP_ROWS", 16)
     torch.manual_seed(6)
     x, weight, bias = torch.randn(40, 16), torch.randn(30, 16) * 0.3, torch.randn(30)
     target = torch.randint(0, 30, (40,))
+    target[[3, 17]] = 0  # padding
+    grads = []
+    for low_precision in (None, torch.bfloat16):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        loss = output_loss.linear_cross_entropy(*leaves, target, low_precision=low_precision)
+        grads.append([loss.detach()] + list(torch.autograd.grad(loss * 0.5, leaves)))
     exact = sequence_loss(F.linear(x, weight, bias)[None], target[None])
-    low = output_loss.linear_cross_entropy(x, weight, bias, target, low_precision=torch.bfloat16)
-    assert torch.allclose(low, exact, rtol=1e-2) and not torch.equal(low, exact)
+    assert torch.allclose(grads[0][0], exact, rtol=1e-5)
+    for exact_value, low_value in zip(*grads):
+        assert torch.allclose(low_value, exact_value, rtol=2e-2, atol=2e-2) and not torch.equal(low_value, exact_value)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -218,6 +228,15 @@ def test_written_out_cell_equals_the_torch_rnn_module(cell):
     assert torch.allclose(written_out[2].hidden, module[2].hidden, atol=1e-6)
     if cell == "lstm":
         assert torch.allclose(written_out[2].cell, module[2].cell, atol=1e-6)
+    # decoding keeps the cell's weights between steps; a changed weight must not be served from there
+    with torch.no_grad():
+        decoder.rnn.weight_ih_l0.mul_(0.5)
+        decoder.rnn.weight_hh_l1.mul_(0.5)
+        changed = decoder.recur(embedded, state, enc)[0]
+        fresh = Seq2Seq(model.decoder.cfg, 20, 20).decoder.eval()
+        fresh.load_state_dict(decoder.state_dict())
+        assert torch.allclose(changed, fresh.recur(embedded, state, enc)[0], atol=1e-6)
+        assert not torch.allclose(changed, written_out[0], atol=1e-3)
 
 
 def loss_and_gradients(model, batch) -> list:

@@ -65,6 +65,7 @@ class Decoder(nn.Module):
             self.output.weight = self.embedding.weight
         self.bf16_output = False  # a run-time choice (translate --bf16): the output layer in bfloat16
         self._bf16_weight_cache = None  # (key, weight [D, V]) for bf16_output decoding
+        self._cell_weight_cache = None  # (key, cell_weights()) for decoding
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
         if cfg.bridge == "learned":
@@ -132,22 +133,23 @@ class Decoder(nn.Module):
         return self._bf16_weight_cache[1]
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
-                emb_gates: Optional[torch.Tensor] = None):
+                emb_gates: Optional[torch.Tensor] = None, cell_weights: Optional[list] = None):
         """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
-        output, context, state, attn = self.recur(embedded, state, enc, emb_gates)
+        output, context, state, attn = self.recur(embedded, state, enc, emb_gates, cell_weights)
         pre_output = self.pre_output_of(output, embedded, context)
         if self.input_feeding:
             state = replace(state, feed=pre_output)
         return pre_output, state, attn
 
     def recur(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
-              emb_gates: Optional[torch.Tensor] = None):
+              emb_gates: Optional[torch.Tensor] = None, cell_weights: Optional[list] = None):
         """The recurrent half of a step: -> (RNN output [B, D], context [B, He], new state, attention).
 
         For the Cho and Bahdanau modes the pre-output layer needs nothing from later steps, so
         training runs this half step by step and the pre-output layer once over all positions.
         ``emb_gates`` [B, G*D] is the first RNN layer's input product with the embedding, when
-        training has computed it for all positions at once (``embedding_products``).
+        training has computed it for all positions at once (``embedding_products``), and
+        ``cell_weights`` the cell's weights, made once per sequence (``cell_weights``).
         """
         attn = None
         if self.luong:
@@ -164,7 +166,7 @@ class Decoder(nn.Module):
             if emb_gates is None:
                 emb_gates = self.embedding_products(embedded)
             output, hidden, cell = self._maybe_compiled("cell", rnn_cell_step)(
-                self.cfg.cell, self._cell_weights(), self.rnn.dropout, self.training, emb_gates, extra,
+                self.cfg.cell, cell_weights or self.cell_weights(), self.rnn.dropout, self.training, emb_gates, extra,
                 state.hidden, state.cell)
         else:  # e.g. a quantised RNN module: one step of it
             hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
@@ -199,10 +201,28 @@ class Decoder(nn.Module):
         emb_size = embedded.size(-1)
         return F.linear(embedded, self.rnn.weight_ih_l0[:, :emb_size], self.rnn.bias_ih_l0)
 
-    def _cell_weights(self) -> list:
-        rnn = self.rnn
-        return [tuple(getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                for layer in range(rnn.num_layers)]
+    def cell_weights(self) -> list:
+        """Per layer (w_ih, w_hh, b_ih, b_hh) for :func:`rnn_cell_step`: layer 0's w_ih is only its columns
+        for the inputs after the embedding, contiguous, and under autocast every weight is already in its
+        type, so that a loop over time steps slices and casts nothing. Training makes them once per batch;
+        decoding keeps them until the weights change."""
+        rnn, device = self.rnn, self.rnn.weight_hh_l0.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (dtype, *((w.data_ptr(), w._version) for w in rnn.parameters()))
+        if not torch.is_grad_enabled() and self._cell_weight_cache is not None and self._cell_weight_cache[0] == key:
+            return self._cell_weight_cache[1]
+        weights = []
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
+                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            if layer == 0:
+                w_ih = w_ih[:, self.cfg.emb_size:].contiguous()  # [G*D, extra inputs]
+            if dtype is not None:
+                w_ih, w_hh, b_ih, b_hh = (w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh))
+            weights.append((w_ih, w_hh, b_ih, b_hh))
+        if not torch.is_grad_enabled():
+            self._cell_weight_cache = (key, weights)
+        return weights
 
     # --- whole sequences (teacher forcing) --------------------------------------------------------
     @property
@@ -241,10 +261,11 @@ class Decoder(nn.Module):
             return self._fused(embedded, state, enc)
         emb_gates = self.embedding_products(embedded)  # [B, T, G*D] or None
         gates = [None] * tgt_in.size(1) if emb_gates is None else emb_gates.unbind(1)
+        weights = self.cell_weights() if self.manual_cell else None
         if self.input_feeding:  # each step needs the previous pre-output
             outputs, attns = [], []
             for t in range(tgt_in.size(1)):
-                out, state, a = self.advance(embedded[:, t], state, enc, gates[t])
+                out, state, a = self.advance(embedded[:, t], state, enc, gates[t], weights)
                 outputs.append(out)
                 attns.append(a)
             pre_output = torch.stack(outputs, dim=1)  # [B, T, D]
@@ -252,7 +273,7 @@ class Decoder(nn.Module):
         else:  # the recurrent half step by step, the pre-output layer once for all positions
             outputs, contexts, attns = [], [], []
             for t in range(tgt_in.size(1)):
-                out, context, state, a = self.recur(embedded[:, t], state, enc, gates[t])
+                out, context, state, a = self.recur(embedded[:, t], state, enc, gates[t], weights)
                 outputs.append(out)
                 contexts.append(context)
                 attns.append(a)
@@ -285,15 +306,14 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
     """One step of a stacked GRU / LSTM / RNN: the function nn.GRU etc. compute, written out.
 
     Layer 0's input is [embedding; *extra]; its product with the embedding (plus bias) comes in as
-    ``emb_gates`` [B, G*D], and the ``extra`` vectors (context, fed vector) meet their column blocks of
-    the input weight here. weights: per layer (w_ih, w_hh, b_ih, b_hh); hidden, cell_state [L, B, D].
+    ``emb_gates`` [B, G*D], and the ``extra`` vectors (context, fed vector) meet the rest of the input
+    weight here. weights: per layer (w_ih, w_hh, b_ih, b_hh), layer 0's w_ih only the columns of the
+    extra vectors (see ``Decoder.cell_weights``); hidden, cell_state [L, B, D].
     Returns (top-layer output [B, D], hidden [L, B, D], cell state [L, B, D] or None).
     """
-    w_ih0 = weights[0][0]
-    gates_in, offset = emb_gates, w_ih0.size(1) - sum(part.size(-1) for part in extra)
-    for part in extra:
-        gates_in = gates_in + F.linear(part, w_ih0[:, offset:offset + part.size(-1)])
-        offset += part.size(-1)
+    gates_in = emb_gates
+    if extra:
+        gates_in = torch.addmm(emb_gates, torch.cat(extra, dim=-1), weights[0][0].t())
     hiddens, cells = [], []
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if layer > 0:
