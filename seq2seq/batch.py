@@ -53,24 +53,27 @@ def make_batch(src_ids: Sequence[Sequence[int]], tgt_ids: Optional[Sequence[Sequ
 
 
 def token_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int,
-                  seed: int, epoch: int) -> list[list[int]]:
+                  seed: int, epoch: int, multiple: int = 1) -> list[list[int]]:
     """Split example indices into batches of about ``batch_tokens`` target tokens (with EOS).
 
     Sentences of similar length go together (sorted by target then source length, ties broken at
-    random), batches come in random order, and every example is in exactly one batch. The result
-    depends only on (seed, epoch), so a resumed run sees the same batches.
+    random), batches come in random order, and every example is in exactly one batch. A full batch
+    keeps a multiple of ``multiple`` sentences (where it has that many) and hands the rest on to the
+    next: fewer distinct tensor shapes, which pays where kernels are built per shape (oneDNN in
+    bfloat16) or want aligned sizes (tensor cores). The result depends only on (seed, epoch), so a
+    resumed run sees the same batches.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     tiebreak = torch.randperm(len(tgt_lens), generator=generator).tolist()
     order = sorted(range(len(tgt_lens)), key=lambda i: (tgt_lens[i], src_lens[i], tiebreak[i]))
-    batches, current, widest = [], [], 0
+    batches, current = [], []
     for i in order:
-        width = max(widest, tgt_lens[i] + 1)
+        width = tgt_lens[i] + 1  # sorted by target length: the newest sentence is the widest
         if current and width * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, width = [], tgt_lens[i] + 1
+            cut = len(current) // multiple * multiple or len(current)
+            batches.append(current[:cut])
+            current = current[cut:]
         current.append(i)
-        widest = width
     if current:
         batches.append(current)
     shuffled = torch.randperm(len(batches), generator=generator).tolist()

@@ -92,7 +92,8 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
     step_times, step_tokens, start, epoch = [], [], time.perf_counter(), 0
     flop_per_token = None
     while time.perf_counter() - start < seconds:
-        for group in token_batches([len(s) for s in src], [len(x) for x in tgt], t.batch_tokens, t.seed, epoch):
+        for group in token_batches([len(s) for s in src], [len(x) for x in tgt], t.batch_tokens, t.seed, epoch,
+                                   t.batch_multiple):
             batch = make_batch([src[i] for i in group], [tgt[i] for i in group])
             if flop_per_token is None:
                 with FlopCounterMode(display=False) as counter:  # one step in eager mode, counted

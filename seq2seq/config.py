@@ -182,7 +182,8 @@ class TrainerConfig:
     plateau_factor: float = 0.5  # plateau: lr *= factor when validation BLEU stops rising
     plateau_patience: int = 2
     min_lr: float = 1e-6
-    batch_tokens: int = 4000  # target tokens per batch (with end-of-sentence, without padding)
+    batch_tokens: int = 4000  # target tokens per batch, padding included (sentences x longest target + 1)
+    batch_multiple: int = 8  # a full batch holds a multiple of this many sentences (fewer tensor shapes)
     max_steps: int = 0  # 0 = no step limit
     max_epochs: int = 10
     max_minutes: float = 0.0  # wall-clock budget for training; 0 = none
@@ -206,6 +207,7 @@ class TrainerConfig:
         _check_choice("trainer.scheduler", self.scheduler, ("none", "plateau", "warmup"))
         _check_positive("trainer.lr", self.lr)
         _check_positive("trainer.batch_tokens", self.batch_tokens)
+        _check_positive("trainer.batch_multiple", self.batch_multiple)
         _check_positive("trainer.valid_every", self.valid_every)
         _check_positive("trainer.log_every", self.log_every)
         _check_positive("trainer.max_bad_steps", self.max_bad_steps)

@@ -255,7 +255,8 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
                disable=None if ctx.is_main else True)
     window_tokens, window_start, stop, bad_in_a_row = 0, time.monotonic(), False, 0
     while not stop and not out_of_budget():
-        batches = shard(token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch), ctx)
+        batches = shard(token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch, t.batch_multiple),
+                        ctx)
         for group in batches[progress.batch_in_epoch:]:
             batch = make_batch([train_src[i] for i in group], [train_tgt[i] for i in group]).to(device)
             progress.batch_in_epoch += 1

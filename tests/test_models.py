@@ -188,12 +188,13 @@ def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, ti
 
 
 def test_chunked_output_loss_in_bfloat16_is_close(monkeypatch):
-    """Loss and gradients; chunks of 8 rows, weight gradients over groups of 2 chunks (the last one part)."""
+    """Loss and gradients; chunks of 8 rows (the rows padded to whole chunks), weight gradients over groups
+    of 2 chunks (the last one part)."""
     monkeypatch.setattr(output_loss, "CHUNK_ROWS", 8)
     monkeypatch.setattr(output_loss, "LOW_PRECISION_GROUP_ROWS", 16)
     torch.manual_seed(6)
-    x, weight, bias = torch.randn(40, 16), torch.randn(30, 16) * 0.3, torch.randn(30)
-    target = torch.randint(0, 30, (40,))
+    x, weight, bias = torch.randn(37, 16), torch.randn(30, 16) * 0.3, torch.randn(30)  # 37: padded to 40
+    target = torch.randint(0, 30, (37,))
     target[[3, 17]] = 0  # padding
     grads = []
     for low_precision in (None, torch.bfloat16):

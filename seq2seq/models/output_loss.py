@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from seq2seq.tokenizer import PAD_ID
 
@@ -27,13 +28,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, bias, target, label_smoothing: float, low_precision: Optional[torch.dtype],
                 need_grad: bool):
         # x [N, D], weight [V, D], bias [V] or None, target [N] -> summed loss (0-dim)
-        vocab = weight.size(0)
+        vocab, rows_in = weight.size(0), x.size(0)
         w = weight.to(low_precision) if low_precision is not None else weight  # [V, D]
         w_t = w.t().contiguous()  # [D, V], once: a transposed operand was copied at every product
+        low = w.dtype != torch.float32
+        if low:  # padding rows, so that every product has one of a few shapes: oneDNN builds a kernel per shape
+            pad = -rows_in % CHUNK_ROWS
+            x, target = F.pad(x, (0, 0, 0, pad)), F.pad(target, (0, pad), value=PAD_ID)  # PAD: no loss, no gradient
         grad_x = torch.empty_like(x, dtype=torch.float32) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_grad and bias is not None else None
-        low = w.dtype != torch.float32
         group_rows = max(1, LOW_PRECISION_GROUP_ROWS // CHUNK_ROWS) * CHUNK_ROWS  # whole chunks
         group_grads = x.new_empty((min(group_rows, x.size(0)), vocab), dtype=w.dtype) if need_grad and low else None
         total = x.new_zeros((), dtype=torch.float32)
@@ -76,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 group_start = start - in_group
                 grad_w += torch.mm(group_grads[:end - group_start].t(), x[group_start:end].to(w.dtype))
         if need_grad:
-            ctx.save_for_backward(grad_x, grad_w, grad_b)
+            ctx.save_for_backward(grad_x[:rows_in], grad_w, grad_b)
             ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
