@@ -117,7 +117,7 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
 
 
 def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sentences: int, variant: str,
-                  device: str, queue) -> None:
+                  device: str, stopping: str, queue) -> None:
     from seq2seq.data import load_split
     from seq2seq.metrics import bleu
     from seq2seq.runtime import set_threads
@@ -125,7 +125,7 @@ def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sent
 
     set_threads(threads)
     translator = Translator.from_dir(model_dir, device=device, beam_size=beam, batch_size=batch_size,
-                                     alpha=1.0 if beam > 1 else 0.0, bf16=variant == "bf16",
+                                     alpha=1.0 if beam > 1 else 0.0, stopping=stopping, bf16=variant == "bf16",
                                      quantize=variant == "int8")
     data = translator.bundle.config.data
     pairs = load_split(data, data.test_split)[:sentences]
@@ -133,7 +133,8 @@ def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sent
     hyps = [n[0].text for n in translator.translate([s for s, _ in pairs])]
     _synchronize(device)
     seconds = time.perf_counter() - start
-    queue.put({"beam": beam, "batch_size": batch_size, "variant": variant, "sentences_per_s": len(pairs) / seconds,
+    queue.put({"beam": beam, "batch_size": batch_size, "variant": variant, "stopping": stopping if beam > 1 else "",
+               "sentences_per_s": len(pairs) / seconds,
                "bleu": bleu(hyps, [r for _, r in pairs]).score, "peak_rss_mib": _peak_memory_mib(device)})
 
 
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--decode-variants", default="fp32",
                         help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation)")
+    parser.add_argument("--stopping", default="bound",
+                        help="comma-separated beam-search stopping rules to decode with: bound, early")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args(argv)
     from seq2seq.runtime import autocast_dtype
@@ -177,9 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         for variant in args.decode_variants.split(","):
             for beam in map(int, args.beams.split(",")):
-                for batch_size in map(int, args.batch_sizes.split(",")):
-                    decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
-                                                 args.sentences, variant, args.device))
+                for stopping in args.stopping.split(",") if beam > 1 else ["bound"]:
+                    for batch_size in map(int, args.batch_sizes.split(",")):
+                        decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
+                                                     args.sentences, variant, args.device, stopping))
     result["decoding"] = decoding
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"| figure | value |\n|---|---|\n| device | {result.get('gpu', 'cpu')}, {args.threads} threads |")
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| share of the matmul rate | {result['fraction_of_matmul_rate']:.0%} |")
         print(f"| peak memory, training | {result['train_peak_rss_mib'] / 1024:.2f} GiB |")
     for d in decoding:
-        print(f"| decoding {d['variant']} beam {d['beam']}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
+        label = f"{d['variant']} beam {d['beam']}" + (f" ({d['stopping']} stopping)" if d["stopping"] else "")
+        print(f"| decoding {label}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
               f"{d['sentences_per_s']:.0f}, {d['bleu']:.2f}, {d['peak_rss_mib'] / 1024:.2f} GiB |")
     print(f"(written to {args.out})")
