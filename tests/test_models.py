@@ -247,33 +247,6 @@ def loss_and_gradients(model, batch) -> list:
     return [loss.detach()] + list(torch.autograd.grad(loss, list(model.parameters())))
 
 
-@pytest.mark.parametrize("cell,attention,feeding", [("gru", "bahdanau", True), ("lstm", "luong_general", True),
-                                                   ("rnn", "bahdanau", False)])
-def test_banked_weight_gradients_equal_per_step_ones(cell, attention, feeding, monkeypatch):
-    """Training forms the per-step products' weight gradients once per batch (WeightBank); the loss and
-    every gradient equal those of autograd's per-step products, in float32 and under bf16 autocast."""
-    from seq2seq.models import weight_bank
-
-    torch.manual_seed(12)
-    model = Seq2Seq(tiny_model_config(cell=cell, attention=attention, input_feeding=feeding, dec_layers=2), 20, 20)
-    batch, _, _ = random_batch(20, [5, 3, 8, 6], seed=13)
-    collected, real_backward = [], weight_bank._Collect.backward
-    monkeypatch.setattr(weight_bank._Collect, "backward",
-                        staticmethod(lambda ctx, grad: collected.append(1) or real_backward(ctx, grad)))
-    banked = loss_and_gradients(model, batch)
-    assert len(collected) == 4 + feeding  # 2 layers x (input, hidden), and the pre-output layer with feeding
-    monkeypatch.setattr(type(model.decoder), "_bank_products", lambda self: False)
-    for a, b in zip(banked, loss_and_gradients(model, batch)):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = loss_and_gradients(model, batch)
-    monkeypatch.undo()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        banked = loss_and_gradients(model, batch)
-    for a, b in zip(banked, plain):
-        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-
-
 def test_compiled_step_equals_eager():
     """trainer.compile: torch.compile of the step gives the same loss and gradients (CPU, inductor)."""
     torch.manual_seed(9)

@@ -24,7 +24,6 @@ from seq2seq.models.dropout import Dropout
 from seq2seq.models.dropout import dropout as fast_dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
-from seq2seq.models.weight_bank import WeightBank
 
 
 @dataclass
@@ -134,11 +133,10 @@ class Decoder(nn.Module):
         return self._bf16_weight_cache[1]
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
-                emb_gates: Optional[torch.Tensor] = None, cell_weights: Optional[list] = None,
-                pre_output_bank: Optional[WeightBank] = None):
+                emb_gates: Optional[torch.Tensor] = None, cell_weights: Optional[list] = None):
         """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
         output, context, state, attn = self.recur(embedded, state, enc, emb_gates, cell_weights)
-        pre_output = self.pre_output_of(output, embedded, context, pre_output_bank)
+        pre_output = self.pre_output_of(output, embedded, context)
         if self.input_feeding:
             state = replace(state, feed=pre_output)
         return pre_output, state, attn
@@ -181,12 +179,10 @@ class Decoder(nn.Module):
             context = context[:, 0]
         return output, context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
 
-    def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor,
-                      bank: Optional[WeightBank] = None) -> torch.Tensor:
-        """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T]).
-        ``bank``: the pre-output layer as a :class:`WeightBank`, when a training loop calls this per step."""
-        parts = torch.cat([output, context] if self.luong else [output, embedded, context], dim=-1)
-        return torch.tanh(bank(parts) if bank is not None else self.pre_output(parts))
+    def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
+        parts = [output, context] if self.luong else [output, embedded, context]
+        return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
 
     def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
         """prev_tokens [B] -> (logits [B, V], new state, attention [B, S] or None). Pure: writes nothing."""
@@ -208,21 +204,9 @@ class Decoder(nn.Module):
     def cell_weights(self) -> list:
         """Per layer (w_ih, w_hh, b_ih, b_hh) for :func:`rnn_cell_step`: layer 0's w_ih is only its columns
         for the inputs after the embedding, contiguous, and under autocast every weight is already in its
-        type, so that a loop over time steps slices and casts nothing. Training makes them once per batch,
-        as :class:`WeightBank` s (input and hidden products, biases inside) unless the step is compiled;
+        type, so that a loop over time steps slices and casts nothing. Training makes them once per batch;
         decoding keeps them until the weights change."""
         rnn, device = self.rnn, self.rnn.weight_hh_l0.device
-        if self._bank_products():
-            weights = []
-            for layer in range(rnn.num_layers):
-                w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
-                                          for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                if layer == 0:  # its input bias comes with the embedding products
-                    weights.append((WeightBank(w_ih[:, self.cfg.emb_size:].contiguous()), WeightBank(w_hh, b_hh),
-                                    None, None))
-                else:
-                    weights.append((WeightBank(w_ih, b_ih), WeightBank(w_hh, b_hh), None, None))
-            return weights
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         key = (dtype, *((w.data_ptr(), w._version) for w in rnn.parameters()))
         if not torch.is_grad_enabled() and self._cell_weight_cache is not None and self._cell_weight_cache[0] == key:
@@ -239,10 +223,6 @@ class Decoder(nn.Module):
         if not torch.is_grad_enabled():
             self._cell_weight_cache = (key, weights)
         return weights
-
-    def _bank_products(self) -> bool:
-        """Whether a training loop over time steps should form weight gradients once (:class:`WeightBank`)."""
-        return torch.is_grad_enabled() and not self.compile_step and self.manual_cell
 
     # --- whole sequences (teacher forcing) --------------------------------------------------------
     @property
@@ -282,11 +262,10 @@ class Decoder(nn.Module):
         emb_gates = self.embedding_products(embedded)  # [B, T, G*D] or None
         gates = [None] * tgt_in.size(1) if emb_gates is None else emb_gates.unbind(1)
         weights = self.cell_weights() if self.manual_cell else None
-        pre_output_bank = WeightBank(self.pre_output.weight, self.pre_output.bias) if self._bank_products() else None
         if self.input_feeding:  # each step needs the previous pre-output
             outputs, attns = [], []
             for t in range(tgt_in.size(1)):
-                out, state, a = self.advance(embedded[:, t], state, enc, gates[t], weights, pre_output_bank)
+                out, state, a = self.advance(embedded[:, t], state, enc, gates[t], weights)
                 outputs.append(out)
                 attns.append(a)
             pre_output = torch.stack(outputs, dim=1)  # [B, T, D]
@@ -329,21 +308,18 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
     Layer 0's input is [embedding; *extra]; its product with the embedding (plus bias) comes in as
     ``emb_gates`` [B, G*D], and the ``extra`` vectors (context, fed vector) meet the rest of the input
     weight here. weights: per layer (w_ih, w_hh, b_ih, b_hh), layer 0's w_ih only the columns of the
-    extra vectors (see ``Decoder.cell_weights``); in training w_ih and w_hh are :class:`WeightBank` s
-    that hold their biases. hidden, cell_state [L, B, D].
+    extra vectors (see ``Decoder.cell_weights``); hidden, cell_state [L, B, D].
     Returns (top-layer output [B, D], hidden [L, B, D], cell state [L, B, D] or None).
     """
     gates_in = emb_gates
-    if extra and isinstance(weights[0][0], WeightBank):
-        gates_in = emb_gates + weights[0][0](torch.cat(extra, dim=-1))
-    elif extra:
+    if extra:
         gates_in = torch.addmm(emb_gates, torch.cat(extra, dim=-1), weights[0][0].t())
     hiddens, cells = [], []
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if layer > 0:
-            gates_in = _product(fast_dropout(hiddens[-1], dropout, training), w_ih, b_ih)
+            gates_in = F.linear(fast_dropout(hiddens[-1], dropout, training), w_ih, b_ih)
         h = hidden[layer]
-        gates_h = _product(h, w_hh, b_hh)
+        gates_h = F.linear(h, w_hh, b_hh)
         if cell == "gru":
             in_r, in_z, in_n = gates_in.chunk(3, -1)
             h_r, h_z, h_n = gates_h.chunk(3, -1)
@@ -359,8 +335,3 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
             h = torch.tanh(gates_in + gates_h)
         hiddens.append(h)
     return hiddens[-1], torch.stack(hiddens), torch.stack(cells) if cells else None
-
-
-def _product(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x W^T + b, with W a tensor or a :class:`WeightBank` (which holds its bias)."""
-    return weight(x) if isinstance(weight, WeightBank) else F.linear(x, weight, bias)
