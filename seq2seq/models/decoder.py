@@ -116,8 +116,9 @@ class Decoder(nn.Module):
             rows = flat.size(0)
             # rows padded to a multiple of 32: oneDNN builds a kernel per shape, and search shrinks the batch
             flat = F.pad(flat, (0, 0, 0, -rows % 32))
-            # float32 bias + bfloat16 products -> float32 logits, in one pass
-            return (self.output.bias + torch.mm(flat, weight_t))[:rows].view(*pre_output.shape[:-1], -1)
+            # to float32, then the bias: elementwise ops on mixed types take a slow path (5x here)
+            logits = torch.mm(flat, weight_t)[:rows].float().add_(self.output.bias)
+            return logits.view(*pre_output.shape[:-1], -1)
         if self.bf16_output:
             with torch.autocast(pre_output.device.type, dtype=torch.bfloat16):
                 return self.output(self.dropout(pre_output)).float()

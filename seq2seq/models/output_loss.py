@@ -78,7 +78,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_x[rows] = torch.mm(grad_low, w)
             if end % group_rows == 0 or end == x.size(0):  # the group's weight gradient, one product
                 group_start = start - in_group
-                grad_w += torch.mm(group_grads[:end - group_start].t(), x[group_start:end].to(w.dtype))
+                grad_w += torch.mm(group_grads[:end - group_start].t(), x[group_start:end].to(w.dtype)).float()
         if need_grad:
             ctx.save_for_backward(grad_x[:rows_in], grad_w, grad_b)
             ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
