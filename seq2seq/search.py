@@ -25,6 +25,7 @@ Both rules depend on the sentence alone, so results do not depend on which sente
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -163,6 +164,7 @@ def _top_candidates(scores: torch.Tensor, log_probs: torch.Tensor, k: int):
     return cand_scores, torch.div(index, width, rounding_mode="floor"), row_tokens.view(b, k * width).gather(1, index)
 
 
+@functools.lru_cache(maxsize=None)
 def _block_width(vocab: int) -> Optional[int]:
     """A divisor of the vocabulary size near 64 (the fast candidate selection's block), or None."""
     for width in sorted(range(16, 129), key=lambda w: abs(w - 64)):

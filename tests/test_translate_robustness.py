@@ -76,7 +76,7 @@ def test_bf16_translator_runs_its_output_layer_in_bfloat16(translator):
     out = bf16.translate(lines)
     assert len(out) == 3 and out[1][0].text == "" and out[0][0].text
     decoder = bf16.model.decoder
-    assert decoder._bf16_weight_cache[1].dtype == torch.bfloat16  # the output layer ran in bfloat16
+    assert decoder._decoding_cache["bf16_output"][1].dtype == torch.bfloat16  # the output layer ran in bfloat16
     pre_output = torch.randn(7, decoder.output.in_features)
     with torch.no_grad():
         logits = decoder.project(pre_output)

@@ -64,8 +64,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
         self.bf16_output = False  # a run-time choice (translate --bf16): the output layer in bfloat16
-        self._bf16_weight_cache = None  # (key, weight [D, V]) for bf16_output decoding
-        self._cell_weight_cache = None  # (key, cell_weights()) for decoding
+        self._decoding_cache = {}  # name -> (key, value): weights prepared once for decoding (see _kept)
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
         if cfg.bridge == "learned":
@@ -126,12 +125,17 @@ class Decoder(nn.Module):
 
     def _bf16_output_weight(self) -> torch.Tensor:
         """The output weight transposed, contiguous and in bfloat16 [D, V]: made once, not at every step
-        (casting it per step cost as much as the product). Remade when the weight changes."""
+        (casting it per step cost as much as the product)."""
         weight = self.output.weight
-        key = (weight.data_ptr(), weight._version, weight.device)
-        if self._bf16_weight_cache is None or self._bf16_weight_cache[0] != key:
-            self._bf16_weight_cache = (key, weight.detach().t().contiguous().to(torch.bfloat16))
-        return self._bf16_weight_cache[1]
+        return self._kept("bf16_output", (weight.device, *_versions([weight])),
+                          lambda: weight.detach().t().contiguous().to(torch.bfloat16))
+
+    def _kept(self, name: str, key: tuple, make):
+        """``make()``, kept between decoding steps for as long as ``key`` (the weights' versions) holds."""
+        cached = self._decoding_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._decoding_cache[name] = (key, make())
+        return cached[1]
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
                 emb_gates: Optional[torch.Tensor] = None, cell_weights: Optional[list] = None):
@@ -207,12 +211,14 @@ class Decoder(nn.Module):
         for the inputs after the embedding, contiguous, and under autocast every weight is already in its
         type, so that a loop over time steps slices and casts nothing. Training makes them once per batch;
         decoding keeps them until the weights change."""
-        rnn, device = self.rnn, self.rnn.weight_hh_l0.device
+        device = self.rnn.weight_hh_l0.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (dtype, *((w.data_ptr(), w._version) for w in rnn.parameters()))
-        if not torch.is_grad_enabled() and self._cell_weight_cache is not None and self._cell_weight_cache[0] == key:
-            return self._cell_weight_cache[1]
-        weights = []
+        if torch.is_grad_enabled():
+            return self._make_cell_weights(dtype)
+        return self._kept("cell", (dtype, *_versions(self.rnn.parameters())), lambda: self._make_cell_weights(dtype))
+
+    def _make_cell_weights(self, dtype: Optional[torch.dtype]) -> list:
+        rnn, weights = self.rnn, []
         for layer in range(rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
                                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
@@ -221,8 +227,6 @@ class Decoder(nn.Module):
             if dtype is not None:
                 w_ih, w_hh, b_ih, b_hh = (w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh))
             weights.append((w_ih, w_hh, b_ih, b_hh))
-        if not torch.is_grad_enabled():
-            self._cell_weight_cache = (key, weights)
         return weights
 
     # --- whole sequences (teacher forcing) --------------------------------------------------------
@@ -336,3 +340,8 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
             h = torch.tanh(gates_in + gates_h)
         hiddens.append(h)
     return hiddens[-1], torch.stack(hiddens), torch.stack(cells) if cells else None
+
+
+def _versions(tensors) -> tuple:
+    """What identifies the current values of these tensors (storage and in-place version counter)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
