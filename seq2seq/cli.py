@@ -16,7 +16,7 @@ from seq2seq.alignment import AlignmentError, AttentionWriter
 from seq2seq.checkpoint import ModelDirError
 from seq2seq.config import ConfigError
 from seq2seq.data import DataError
-from seq2seq.runtime import DeviceError, set_threads
+from seq2seq.runtime import DECODING_KERNEL_CACHE, DeviceError, set_threads
 from seq2seq.tokenizer import TokenizerError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -77,13 +77,13 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantisation of linear and GRU/LSTM layers (CPU only)")
     parser.add_argument("--bf16", action="store_true",
-                        help="compute the output layer in bfloat16 (fast on CPUs with AMX / AVX512-BF16)")
+                        help="the decoder's matrix products in bfloat16 (fast on CPUs with AMX / AVX512-BF16)")
 
 
 def load_translator(args: argparse.Namespace):
     from seq2seq.translate import Translator
 
-    set_threads(args.threads)
+    set_threads(args.threads, DECODING_KERNEL_CACHE)
     for name in ("beam", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

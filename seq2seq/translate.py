@@ -64,13 +64,15 @@ class Translator:
         self.device = resolve_device(device)
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
+        if quantize and bf16:
+            raise ConfigError("--quantize (int8) and --bf16 are two different ways to speed up decoding: choose one")
         if quantize:
             if self.device.type != "cpu":
                 raise ConfigError("int8 quantisation runs on the CPU only: add --device cpu")
             self.model = quantize_int8(self.model)
         for module in self.model.modules() if bf16 else ():
-            if isinstance(module, Decoder):  # the output layer in bfloat16: on the CPU this beat
-                module.bf16_output = True  # autocast of the whole step (small products, many casts)
+            if isinstance(module, Decoder):  # the step's products in bfloat16 from weights cast once: on the
+                module.bf16_output = True  # CPU this beat autocast of the whole step (a cast per product)
         self.search_cfg = search_cfg or bundle.config.search
         self.search_cfg.validate()
         self.max_src_len = bundle.config.data.truncate_len

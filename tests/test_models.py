@@ -167,6 +167,34 @@ def test_bf16_autocast_is_close_to_fp32():
     assert torch.allclose(torch.log_softmax(full, -1), torch.log_softmax(half, -1), atol=0.05)
 
 
+@pytest.mark.parametrize("cell,attention,feeding", [
+    ("gru", "bahdanau", True), ("lstm", "luong_general", True), ("rnn", "luong_dot", False), ("gru", "none", False)])
+def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
+    """translate --bf16: every product of the step from bfloat16 weights cast once; the step loop stays close."""
+    torch.manual_seed(3)
+    cfg = tiny_model_config(cell=cell, attention=attention, input_feeding=feeding, dec_layers=2, enc_layers=2)
+    model = Seq2Seq(cfg, 40, 40).eval()
+    batch, _, _ = random_batch(40, [6, 3, 5], seed=4)
+
+    def step_loop():
+        with torch.no_grad():
+            enc = model.encode(batch.src, batch.src_len)
+            state, out = model.init_state(enc), []
+            for t in range(batch.tgt_in.size(1)):
+                logits, state, _ = model.step(batch.tgt_in[:, t], state, enc)
+                out.append(torch.log_softmax(logits, -1))
+        return torch.stack(out, 1), state.hidden
+
+    full, full_hidden = step_loop()
+    model.decoder.bf16_output = True
+    half, half_hidden = step_loop()
+    cached = [v for _, v in model.decoder._decoding_cache.values() if isinstance(v, torch.Tensor)]
+    # per layer its input and recurrent weights, the pre-output and output layers, Bahdanau's query projection
+    assert len(cached) == (7 if attention == "bahdanau" else 6) and all(w.dtype == torch.bfloat16 for w in cached)
+    assert half.dtype == torch.float32 and not torch.equal(full, half)
+    assert torch.allclose(full, half, atol=0.05) and torch.allclose(full_hidden, half_hidden, atol=0.02)
+
+
 @pytest.mark.parametrize("label_smoothing,tie", [(0.0, False), (0.1, False), (0.1, True)])
 def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, tie, monkeypatch):
     monkeypatch.setattr(output_loss, "CHUNK_ROWS", 4)  # several chunks, the last one short

@@ -70,13 +70,14 @@ def test_int8_quantised_translator_translates(translator):
     assert type(translator.model.decoder.output) is torch.nn.Linear  # the original model is untouched
 
 
-def test_bf16_translator_runs_its_output_layer_in_bfloat16(translator):
+def test_bf16_translator_runs_its_matrix_products_in_bfloat16(translator):
     lines = ["The dog sees the cat.", "", "Two old men will buy a red car."]
     bf16 = Translator(translator.bundle, translator.search_cfg, device="cpu", bf16=True)
     out = bf16.translate(lines)
     assert len(out) == 3 and out[1][0].text == "" and out[0][0].text
     decoder = bf16.model.decoder
-    assert decoder._decoding_cache["bf16_output"][1].dtype == torch.bfloat16  # the output layer ran in bfloat16
+    cached = [value for _, value in decoder._decoding_cache.values() if isinstance(value, torch.Tensor)]
+    assert len(cached) == 5 and all(w.dtype == torch.bfloat16 for w in cached)  # every product of the step ran in bf16
     pre_output = torch.randn(7, decoder.output.in_features)
     with torch.no_grad():
         logits = decoder.project(pre_output)

@@ -26,9 +26,12 @@ class AdditiveAttention(nn.Module):
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.key_proj(memory)  # [B, S, A]
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor):
-        """query [B, T, Q] -> context [B, T, He], weights [B, T, S]."""
-        hidden = torch.tanh(self.query_proj(query)[:, :, None, :] + keys[:, None, :, :])  # [B, T, S, A]
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                linear=None):
+        """query [B, T, Q] -> context [B, T, He], weights [B, T, S]. ``linear(x, weight)``, when given,
+        computes the query's product instead of the module (bfloat16 decoding)."""
+        query = self.query_proj(query) if linear is None else linear(query, self.query_proj.weight)  # [B, T, A]
+        hidden = torch.tanh(query[:, :, None, :] + keys[:, None, :, :])  # [B, T, S, A]
         weights = masked_softmax(self.energy(hidden).squeeze(-1), mask)
         return torch.bmm(weights, memory), weights
 
@@ -43,6 +46,7 @@ class MultiplicativeAttention(nn.Module):
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.key_proj(memory) if self.key_proj is not None else memory  # [B, S, Q]
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor):
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                linear=None):
         weights = masked_softmax(torch.bmm(query, keys.transpose(1, 2)), mask)  # [B, T, S]
         return torch.bmm(weights, memory), weights

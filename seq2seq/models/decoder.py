@@ -63,7 +63,7 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dec_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
-        self.bf16_output = False  # a run-time choice (translate --bf16): the output layer in bfloat16
+        self.bf16_output = False  # a run-time choice (translate --bf16): decoding's matrix products in bfloat16
         self._decoding_cache = {}  # name -> (key, value): weights prepared once for decoding (see _kept)
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
@@ -109,26 +109,35 @@ class Decoder(nn.Module):
 
     def project(self, pre_output: torch.Tensor) -> torch.Tensor:
         """pre-output vectors [..., D] -> logits [..., V]"""
-        if self.bf16_output and not torch.is_grad_enabled():  # decoding: the largest product in bfloat16
-            weight_t = self._bf16_output_weight()  # [D, V]
-            flat = pre_output.reshape(-1, pre_output.size(-1)).to(torch.bfloat16)  # [R, D]
-            rows = flat.size(0)
-            # rows padded to a multiple of 32: oneDNN builds a kernel per shape, and search shrinks the batch
-            flat = F.pad(flat, (0, 0, 0, -rows % 32))
-            # to float32, then the bias: elementwise ops on mixed types take a slow path (5x here)
-            logits = torch.mm(flat, weight_t)[:rows].float().add_(self.output.bias)
-            return logits.view(*pre_output.shape[:-1], -1)
+        if self.decoding_bf16():
+            return self.linear(pre_output, self.output.weight, self.output.bias)
         if self.bf16_output:
             with torch.autocast(pre_output.device.type, dtype=torch.bfloat16):
                 return self.output(self.dropout(pre_output)).float()
         return self.output(self.dropout(pre_output))
 
-    def _bf16_output_weight(self) -> torch.Tensor:
-        """The output weight transposed, contiguous and in bfloat16 [D, V]: made once, not at every step
-        (casting it per step cost as much as the product)."""
-        weight = self.output.weight
-        return self._kept("bf16_output", (weight.device, *_versions([weight])),
-                          lambda: weight.detach().t().contiguous().to(torch.bfloat16))
+    def decoding_bf16(self) -> bool:
+        """Decoding (no gradients) with ``bf16_output`` set: the step's products run in bfloat16 (``linear``)."""
+        return self.bf16_output and not torch.is_grad_enabled()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., I] @ weight [O, I].T + bias -> float32 [..., O]; F.linear, except in bfloat16 decoding.
+
+        There the product comes from a transposed bfloat16 copy of the weight made once, not at every
+        step (casting per step cost as much as the product, which is why autocast lost), with the rows
+        padded to a multiple of 32 (oneDNN builds a kernel per shape, and search shrinks the batch), and
+        the result goes to float32 before the bias is added (mixed-type elementwise ops take a slow path).
+        """
+        if not self.decoding_bf16():
+            return F.linear(x, weight, bias)
+        weight_t = self._kept(("bf16", id(weight)), (weight.device, *_versions([weight])),
+                              lambda: weight.detach().t().contiguous().to(torch.bfloat16))  # [I, O]
+        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # [R, I]
+        rows = flat.size(0)
+        out = torch.mm(F.pad(flat, (0, 0, 0, -rows % 32)), weight_t)[:rows].float()  # [R, O]
+        if bias is not None:
+            out.add_(bias)
+        return out.view(*x.shape[:-1], out.size(-1))
 
     def _kept(self, name: str, key: tuple, make):
         """``make()``, kept between decoding steps for as long as ``key`` (the weights' versions) holds."""
@@ -161,32 +170,44 @@ class Decoder(nn.Module):
             extra = [state.feed] if self.input_feeding else []
         else:
             if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
-                context, attn = self._maybe_compiled("attention", self.attention)(
-                    state.hidden[-1][:, None, :], enc.keys, enc.memory, enc.mask)
-                context = context[:, 0]
+                context, attn = self._attend(state.hidden[-1], enc)
             else:
                 context = enc.context
             extra = [context] + ([state.feed] if self.input_feeding else [])
         if self.manual_cell:
-            if emb_gates is None:
+            linear = F.linear
+            if self.decoding_bf16():  # layer 0's whole input product at once, in bfloat16
+                linear = self.linear
+                emb_gates = linear(torch.cat([embedded] + extra, dim=-1), self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
+                extra = []
+            elif emb_gates is None:
                 emb_gates = self.embedding_products(embedded)
             output, hidden, cell = self._maybe_compiled("cell", rnn_cell_step)(
                 self.cfg.cell, cell_weights or self.cell_weights(), self.rnn.dropout, self.training, emb_gates, extra,
-                state.hidden, state.cell)
+                state.hidden, state.cell, linear)
         else:  # e.g. a quantised RNN module: one step of it
             hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
             output, new_hx = self.rnn(torch.cat([embedded] + extra, dim=-1)[:, None, :], hx)
             hidden, cell = new_hx if isinstance(new_hx, tuple) else (new_hx, None)
             output = output[:, 0]
         if self.luong:
+            context, attn = self._attend(output, enc)
+        return output, context, DecoderState(hidden, cell, state.feed), attn
+
+    def _attend(self, query: torch.Tensor, enc: EncoderOutput):
+        """query [B, Q] -> (context [B, He], attention weights [B, S])."""
+        if self.decoding_bf16():
+            context, attn = self.attention(query[:, None, :], enc.keys, enc.memory, enc.mask, linear=self.linear)
+        else:
             context, attn = self._maybe_compiled("attention", self.attention)(
-                output[:, None, :], enc.keys, enc.memory, enc.mask)
-            context = context[:, 0]
-        return output, context, DecoderState(hidden, cell, state.feed), None if attn is None else attn[:, 0]
+                query[:, None, :], enc.keys, enc.memory, enc.mask)
+        return context[:, 0], attn[:, 0]
 
     def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
         parts = [output, context] if self.luong else [output, embedded, context]
+        if self.decoding_bf16():
+            return torch.tanh(self.linear(torch.cat(parts, dim=-1), self.pre_output.weight, self.pre_output.bias))
         return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
 
     def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
@@ -307,13 +328,14 @@ class Decoder(nn.Module):
 
 
 def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_gates: torch.Tensor, extra: list,
-                  hidden: torch.Tensor, cell_state: Optional[torch.Tensor]):
+                  hidden: torch.Tensor, cell_state: Optional[torch.Tensor], linear=F.linear):
     """One step of a stacked GRU / LSTM / RNN: the function nn.GRU etc. compute, written out.
 
     Layer 0's input is [embedding; *extra]; its product with the embedding (plus bias) comes in as
     ``emb_gates`` [B, G*D], and the ``extra`` vectors (context, fed vector) meet the rest of the input
     weight here. weights: per layer (w_ih, w_hh, b_ih, b_hh), layer 0's w_ih only the columns of the
-    extra vectors (see ``Decoder.cell_weights``); hidden, cell_state [L, B, D].
+    extra vectors (see ``Decoder.cell_weights``); hidden, cell_state [L, B, D]; ``linear`` computes the
+    other products (F.linear, or ``Decoder.linear`` in bfloat16 decoding).
     Returns (top-layer output [B, D], hidden [L, B, D], cell state [L, B, D] or None).
     """
     gates_in = emb_gates
@@ -322,9 +344,9 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
     hiddens, cells = [], []
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if layer > 0:
-            gates_in = F.linear(fast_dropout(hiddens[-1], dropout, training), w_ih, b_ih)
+            gates_in = linear(fast_dropout(hiddens[-1], dropout, training), w_ih, b_ih)
         h = hidden[layer]
-        gates_h = F.linear(h, w_hh, b_hh)
+        gates_h = linear(h, w_hh, b_hh)
         if cell == "gru":
             in_r, in_z, in_n = gates_in.chunk(3, -1)
             h_r, h_z, h_n = gates_h.chunk(3, -1)
