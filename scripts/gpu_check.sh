@@ -49,5 +49,5 @@ fi
 if has decode; then
   echo "== decoding speed (test2016, 1,000 sentences)"
   python3 scripts/benchmark.py --device cuda --threads 4 --train-seconds 0 --model "$MODEL" --batch-sizes 64,256 \
-    --beams 1,5 --out "$OUT/decode.json" 2>&1 | grep -E "^\| decoding"
+    --beams 1,5 --decode-variants fp32,bf16 --out "$OUT/decode.json" 2>&1 | grep -E "^\| decoding"
 fi

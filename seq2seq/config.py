@@ -46,9 +46,16 @@ class ModelConfig:
     emb_dropout: float = 0.2
     tie_embeddings: bool = False  # target embeddings = output projection
     share_embeddings: bool = False  # source embeddings = target embeddings (joint vocabulary)
+    # pytorch = each layer's own default (embeddings N(0, 1)); uniform = every parameter U(-init_range,
+    # init_range), as OpenNMT-py's param_init
+    init: str = "pytorch"
+    init_range: float = 0.1
 
     def validate(self) -> None:
         _check_choice("model.cell", self.cell, ("rnn", "gru", "lstm"))
+        _check_choice("model.init", self.init, ("pytorch", "uniform"))
+        if not self.init_range > 0:
+            raise ConfigError(f"model.init_range={self.init_range} must be positive")
         _check_choice("model.attention", self.attention, ("none", "bahdanau", "luong_dot", "luong_general"))
         _check_choice("model.bridge", self.bridge, ("learned", "copy", "zeros"))
         for name in ("emb_size", "enc_hidden_size", "enc_layers", "dec_hidden_size", "dec_layers", "attention_size"):

@@ -8,7 +8,7 @@ from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.train import train
 from seq2seq.translate import Translator
 from tests.conftest import tiny_config, tiny_model_config
-from tests.test_models import loss_and_gradients, random_batch
+from tests.test_models import assert_bf16_steps_close, decoding_steps_fp32_and_bf16, loss_and_gradients, random_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -51,3 +51,10 @@ def test_chunked_output_loss_on_cuda_equals_logits_and_cross_entropy():
     plain = sequence_loss(model(batch.src, batch.src_len, batch.tgt_in), batch.tgt_out, 0.1)
     chunked = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=0.1)
     assert torch.allclose(plain, chunked, rtol=1e-5)
+
+
+def test_bf16_decoding_steps_on_cuda_are_close_to_fp32():
+    torch.manual_seed(4)
+    model = Seq2Seq(tiny_model_config(attention="bahdanau", input_feeding=True, dec_layers=2), 40, 40).cuda().eval()
+    batch = random_batch(40, [6, 3, 5], seed=5)[0].to("cuda")
+    assert_bf16_steps_close(*decoding_steps_fp32_and_bf16(model, batch))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.batch import make_batch
-from seq2seq.config import SearchConfig
+from seq2seq.config import ConfigError, SearchConfig
 from seq2seq.models import output_loss
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.search import greedy_search
@@ -132,6 +132,21 @@ def test_tied_and_shared_embeddings_are_one_parameter():
     assert model.encoder.embedding is model.decoder.embedding
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_uniform_init_bounds_every_parameter_and_keeps_padding_zero(shared):
+    torch.manual_seed(5)
+    default = Seq2Seq(tiny_model_config(), 20, 20)
+    assert default.decoder.embedding.weight.abs().max() > 1.0  # PyTorch's N(0, 1) embeddings
+    model = Seq2Seq(tiny_model_config(init="uniform", init_range=0.05, tie_embeddings=shared,
+                                      share_embeddings=shared), 20, 20)
+    for name, parameter in model.named_parameters():
+        assert parameter.abs().max() <= 0.05 and parameter.abs().max() > 0.04, name  # spread over the range
+    for embedding in (model.encoder.embedding, model.decoder.embedding):
+        assert not embedding.weight[0].any()  # the padding row
+    with pytest.raises(ConfigError, match="model.init_range"):
+        tiny_model_config(init="uniform", init_range=0.0)
+
+
 def test_scheduled_sampling_trains():
     torch.manual_seed(6)
     model = Seq2Seq(tiny_model_config(), 20, 20)
@@ -167,15 +182,8 @@ def test_bf16_autocast_is_close_to_fp32():
     assert torch.allclose(torch.log_softmax(full, -1), torch.log_softmax(half, -1), atol=0.05)
 
 
-@pytest.mark.parametrize("cell,attention,feeding", [
-    ("gru", "bahdanau", True), ("lstm", "luong_general", True), ("rnn", "luong_dot", False), ("gru", "none", False)])
-def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
-    """translate --bf16: every product of the step from bfloat16 weights cast once; the step loop stays close."""
-    torch.manual_seed(3)
-    cfg = tiny_model_config(cell=cell, attention=attention, input_feeding=feeding, dec_layers=2, enc_layers=2)
-    model = Seq2Seq(cfg, 40, 40).eval()
-    batch, _, _ = random_batch(40, [6, 3, 5], seed=4)
-
+def decoding_steps_fp32_and_bf16(model, batch):
+    """Teacher-forced step loops, plain and as translate --bf16 runs them: (log-probs, final hidden) of each."""
     def step_loop():
         with torch.no_grad():
             enc = model.encode(batch.src, batch.src_len)
@@ -185,14 +193,31 @@ def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
                 out.append(torch.log_softmax(logits, -1))
         return torch.stack(out, 1), state.hidden
 
-    full, full_hidden = step_loop()
+    full = step_loop()
     model.decoder.bf16_output = True
-    half, half_hidden = step_loop()
+    half = step_loop()
+    model.decoder.bf16_output = False
+    return full, half
+
+
+def assert_bf16_steps_close(full, half):
+    assert half[0].dtype == torch.float32 and not torch.equal(full[0], half[0])
+    assert torch.allclose(full[0], half[0], atol=0.05) and torch.allclose(full[1], half[1], atol=0.02)
+
+
+@pytest.mark.parametrize("cell,attention,feeding", [
+    ("gru", "bahdanau", True), ("lstm", "luong_general", True), ("rnn", "luong_dot", False), ("gru", "none", False)])
+def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
+    """translate --bf16: every product of the step from bfloat16 weights cast once; the step loop stays close."""
+    torch.manual_seed(3)
+    cfg = tiny_model_config(cell=cell, attention=attention, input_feeding=feeding, dec_layers=2, enc_layers=2)
+    model = Seq2Seq(cfg, 40, 40).eval()
+    batch, _, _ = random_batch(40, [6, 3, 5], seed=4)
+    full, half = decoding_steps_fp32_and_bf16(model, batch)
     cached = [v for _, v in model.decoder._decoding_cache.values() if isinstance(v, torch.Tensor)]
     # per layer its input and recurrent weights, the pre-output and output layers, Bahdanau's query projection
     assert len(cached) == (7 if attention == "bahdanau" else 6) and all(w.dtype == torch.bfloat16 for w in cached)
-    assert half.dtype == torch.float32 and not torch.equal(full, half)
-    assert torch.allclose(full, half, atol=0.05) and torch.allclose(full_hidden, half_hidden, atol=0.02)
+    assert_bf16_steps_close(full, half)
 
 
 @pytest.mark.parametrize("label_smoothing,tie", [(0.0, False), (0.1, False), (0.1, True)])

@@ -22,6 +22,12 @@ class Seq2Seq(nn.Module):
         self.cfg = cfg
         self.decoder = Decoder(cfg, tgt_vocab_size)
         self.encoder = Encoder(cfg, src_vocab_size, self.decoder.embedding if cfg.share_embeddings else None)
+        if cfg.init == "uniform":
+            with torch.no_grad():
+                for parameter in self.parameters():  # a shared parameter comes once
+                    parameter.uniform_(-cfg.init_range, cfg.init_range)
+                for embedding in (self.encoder.embedding, self.decoder.embedding):
+                    embedding.weight[PAD_ID].zero_()  # padding stays a zero vector
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> EncoderOutput:
         """src [B, S], src_len [B] -> encoder output with attention keys projected."""
