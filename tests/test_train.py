@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from seq2seq.checkpoint import load_bundle
-from seq2seq.train import TrainingError, train
+from seq2seq.models.seq2seq import Seq2Seq
+from seq2seq.train import TrainingError, build_optimizer, train
 from tests.conftest import tiny_config
 
 
@@ -62,3 +63,22 @@ def test_bf16_precision_trains_on_the_cpu_and_fp16_is_refused(tmp_path):
     from seq2seq.config import ConfigError
     with pytest.raises(ConfigError, match="trainer.precision=fp16 needs a CUDA device"):
         train(tiny_config(trainer=dict(precision="fp16")), tmp_path / "fp16")
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_fused_optimizer_makes_the_same_updates(name):
+    cfg = tiny_config(trainer=dict(optimizer=name, weight_decay=0.01))
+    models = [Seq2Seq(cfg.model, 30, 30) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused, _ = build_optimizer(models[0], cfg)
+    assert fused.defaults["fused"]  # torch 2.13 has the fused kernel on the CPU
+    plain_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    plain = plain_class(models[1].parameters(), lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas), weight_decay=0.01)
+    for step in range(3):
+        for model in models:
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 100 + i))
+        fused.step()
+        plain.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -45,27 +45,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + CHUNK_ROWS)
             xc = x[rows].to(w.dtype)
             tc = target[rows]
-            logits = torch.mm(xc, w_t).float()  # [n, V]
-            if bias is not None:
-                logits += bias
+            if low:
+                logits = torch.mm(xc, w_t).float()  # [n, V]
+                if bias is not None:
+                    logits += bias
+            else:
+                logits = torch.mm(xc, w_t) if bias is None else torch.addmm(bias, xc, w_t)  # [n, V]
             keep = (tc != PAD_ID).float()  # [n]
-            shifted = logits.sub_(logits.amax(-1, keepdim=True))  # in place: logits - max
-            picked = shifted.gather(1, tc[:, None])[:, 0]
-            mean_shifted = shifted.mean(-1) if label_smoothing else None
-            probs = shifted.exp_()  # in place again: unnormalised probabilities
-            sums = probs.sum(-1)
-            log_z = sums.log()
-            loss = (1 - label_smoothing) * (log_z - picked)
+            # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract,
+            # exp and sum as separate ops each streamed the whole chunk through memory
+            log_probs = torch.log_softmax(logits, dim=-1)  # [n, V]
+            loss = -(1 - label_smoothing) * log_probs.gather(1, tc[:, None])[:, 0]
             if label_smoothing:
-                loss += label_smoothing * (log_z - mean_shifted)
+                loss -= label_smoothing * log_probs.mean(-1)
             total += (loss * keep).sum()
             if not need_grad:
                 continue
             # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on padding rows
-            grad = probs.mul_((keep / sums)[:, None])
+            grad = log_probs.exp_()  # in place: the softmax
             if label_smoothing:
-                grad.sub_((label_smoothing / vocab) * keep[:, None])
-            grad.scatter_add_(1, tc[:, None], -(1 - label_smoothing) * keep[:, None])
+                grad.sub_(label_smoothing / vocab)
+            grad.scatter_add_(1, tc[:, None], torch.full_like(keep[:, None], -(1 - label_smoothing)))
+            padding = (keep == 0).nonzero()[:, 0]
+            if padding.numel():
+                grad.index_fill_(0, padding, 0.0)
             if grad_b is not None:
                 grad_b += grad.sum(0)
             if not low:
