@@ -29,12 +29,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 need_grad: bool):
         # x [N, D], weight [V, D], bias [V] or None, target [N] -> summed loss (0-dim)
         vocab, rows_in = weight.size(0), x.size(0)
+        real = (target != PAD_ID).nonzero()[:, 0]  # [M] rows with a loss: one device sync per batch, not per chunk
+        x, target = x.index_select(0, real), target.index_select(0, real)  # padding rows never enter the loop
+        count = x.size(0)
         w = weight.to(low_precision) if low_precision is not None else weight  # [V, D]
         w_t = w.t().contiguous()  # [D, V], once: a transposed operand was copied at every product
         low = w.dtype != torch.float32
-        if low:  # padding rows, so that every product has one of a few shapes: oneDNN builds a kernel per shape
-            pad = -rows_in % CHUNK_ROWS
-            x, target = F.pad(x, (0, 0, 0, pad)), F.pad(target, (0, pad), value=PAD_ID)  # PAD: no loss, no gradient
+        if low:  # rows added up to whole chunks, so that every product has one of a few shapes: oneDNN builds a
+            x = F.pad(x, (0, 0, 0, -count % CHUNK_ROWS))  # kernel per shape; they get no loss and no gradient
+            target = F.pad(target, (0, x.size(0) - count), value=PAD_ID)
         grad_x = torch.empty_like(x, dtype=torch.float32) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_grad and bias is not None else None
@@ -43,32 +46,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = x.new_zeros((), dtype=torch.float32)
         for start in range(0, x.size(0), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
-            xc = x[rows].to(w.dtype)
-            tc = target[rows]
+            xc, tc = x[rows].to(w.dtype), target[rows]
+            valid = min(xc.size(0), count - start)  # the chunk's rows that are not the added ones
             if low:
                 logits = torch.mm(xc, w_t).float()  # [n, V]
                 if bias is not None:
                     logits += bias
             else:
                 logits = torch.mm(xc, w_t) if bias is None else torch.addmm(bias, xc, w_t)  # [n, V]
-            keep = (tc != PAD_ID).float()  # [n]
             # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract,
             # exp and sum as separate ops each streamed the whole chunk through memory
             log_probs = torch.log_softmax(logits, dim=-1)  # [n, V]
             loss = -(1 - label_smoothing) * log_probs.gather(1, tc[:, None])[:, 0]
             if label_smoothing:
                 loss -= label_smoothing * log_probs.mean(-1)
-            total += (loss * keep).sum()
+            total += loss[:valid].sum()
             if not need_grad:
                 continue
-            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on padding rows
+            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows
             grad = log_probs.exp_()  # in place: the softmax
             if label_smoothing:
                 grad.sub_(label_smoothing / vocab)
-            grad.scatter_add_(1, tc[:, None], torch.full_like(keep[:, None], -(1 - label_smoothing)))
-            padding = (keep == 0).nonzero()[:, 0]
-            if padding.numel():
-                grad.index_fill_(0, padding, 0.0)
+            grad.scatter_add_(1, tc[:, None], torch.full(tc[:, None].shape, -(1 - label_smoothing), device=x.device))
+            if valid < xc.size(0):
+                grad[valid:] = 0.0
             if grad_b is not None:
                 grad_b += grad.sum(0)
             if not low:
@@ -83,7 +84,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 group_start = start - in_group
                 grad_w += torch.mm(group_grads[:end - group_start].t(), x[group_start:end].to(w.dtype)).float()
         if need_grad:
-            ctx.save_for_backward(grad_x[:rows_in], grad_w, grad_b)
+            grad_x = grad_x.new_zeros((rows_in, grad_x.size(1))).index_copy_(0, real, grad_x[:count])  # padding: 0
+            ctx.save_for_backward(grad_x, grad_w, grad_b)
             ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
