@@ -22,7 +22,7 @@ from torch import nn
 from seq2seq.batch import make_batch, sentence_batches
 from seq2seq.cli import USER_ERRORS, fail
 from seq2seq.data import read_text_pair
-from seq2seq.runtime import DECODING_KERNEL_CACHE, set_threads
+from seq2seq.runtime import set_threads
 from seq2seq.translate import Translator
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.batch_size is not None and args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")
-    set_threads(args.threads, DECODING_KERNEL_CACHE)
+    set_threads(args.threads)
     try:
         pairs = read_text_pair(Path(args.src), Path(args.tgt))
         translator = Translator.from_dirs(args.model, device=args.device, batch_size=args.batch_size)

@@ -194,9 +194,9 @@ def decoding_steps_fp32_and_bf16(model, batch):
         return torch.stack(out, 1), state.hidden
 
     full = step_loop()
-    model.decoder.bf16_output = True
+    model.decoder.bf16_decoding = True
     half = step_loop()
-    model.decoder.bf16_output = False
+    model.decoder.bf16_decoding = False
     return full, half
 
 

@@ -63,7 +63,7 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dec_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
-        self.bf16_output = False  # a run-time choice (translate --bf16): decoding's matrix products in bfloat16
+        self.bf16_decoding = False  # a run-time choice (translate --bf16): decoding's matrix products in bfloat16
         self._decoding_cache = {}  # name -> (key, value): weights prepared once for decoding (see _kept)
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
@@ -111,14 +111,14 @@ class Decoder(nn.Module):
         """pre-output vectors [..., D] -> logits [..., V]"""
         if self.decoding_bf16():
             return self.linear(pre_output, self.output.weight, self.output.bias)
-        if self.bf16_output:
+        if self.bf16_decoding:
             with torch.autocast(pre_output.device.type, dtype=torch.bfloat16):
                 return self.output(self.dropout(pre_output)).float()
         return self.output(self.dropout(pre_output))
 
     def decoding_bf16(self) -> bool:
-        """Decoding (no gradients) with ``bf16_output`` set: the step's products run in bfloat16 (``linear``)."""
-        return self.bf16_output and not torch.is_grad_enabled()
+        """Decoding (no gradients) with ``bf16_decoding`` set: the step's products run in bfloat16 (``linear``)."""
+        return self.bf16_decoding and not torch.is_grad_enabled()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., I] @ weight [O, I].T + bias -> float32 [..., O]; F.linear, except in bfloat16 decoding.
@@ -271,8 +271,8 @@ class Decoder(nn.Module):
                                     label_smoothing, self._low_precision(pre_output.device))
 
     def _low_precision(self, device: torch.device) -> Optional[torch.dtype]:
-        """bfloat16 for the output layer under bf16 autocast, or where ``bf16_output`` asks (as ``project``)."""
-        if self.bf16_output or (torch.is_autocast_enabled(device.type)
+        """bfloat16 for the output layer under bf16 autocast, or where ``bf16_decoding`` is set (as ``project``)."""
+        if self.bf16_decoding or (torch.is_autocast_enabled(device.type)
                                 and torch.get_autocast_dtype(device.type) == torch.bfloat16):
             return torch.bfloat16
         return None  # fp16 autocast keeps this layer in float32: its small gradients would underflow

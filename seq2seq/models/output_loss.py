@@ -44,6 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         group_rows = max(1, LOW_PRECISION_GROUP_ROWS // CHUNK_ROWS) * CHUNK_ROWS  # whole chunks
         group_grads = x.new_empty((min(group_rows, x.size(0)), vocab), dtype=w.dtype) if need_grad and low else None
         total = x.new_zeros((), dtype=torch.float32)
+        target_grad = torch.full((CHUNK_ROWS, 1), -(1 - label_smoothing), device=x.device)  # the one-hot's share
         for start in range(0, x.size(0), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             xc, tc = x[rows].to(w.dtype), target[rows]
@@ -67,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = log_probs.exp_()  # in place: the softmax
             if label_smoothing:
                 grad.sub_(label_smoothing / vocab)
-            grad.scatter_add_(1, tc[:, None], torch.full(tc[:, None].shape, -(1 - label_smoothing), device=x.device))
+            grad.scatter_add_(1, tc[:, None], target_grad[:xc.size(0)])
             if valid < xc.size(0):
                 grad[valid:] = 0.0
             if grad_b is not None:
