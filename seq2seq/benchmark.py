@@ -76,7 +76,7 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
     from seq2seq.models.seq2seq import Seq2Seq
     from seq2seq.runtime import set_seed, set_threads
     from seq2seq.tokenizer import train_tokenizers
-    from seq2seq.train import build_optimizer, encode_pairs, train_step
+    from seq2seq.train import build_optimizer, encode_pairs, train_step, use_precision
 
     cfg = compose(overrides)
     set_threads(threads)
@@ -87,6 +87,7 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).to(device).train()
     optimizer, _ = build_optimizer(model, cfg)
     t = cfg.trainer
+    use_precision(model, t.precision, device)
     model.decoder.compile_step = t.compile
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     step_times, step_tokens, start, epoch = [], [], time.perf_counter(), 0

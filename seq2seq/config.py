@@ -174,8 +174,9 @@ class SearchConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # fp32 | bf16 | fp16: autocast of the forward pass (matrix products in 16 bits, the rest float32).
-    # fp16 needs CUDA and uses a gradient scaler; bf16 also pays on CPUs with AMX or AVX512-BF16.
+    # fp32 | bf16 | fp16: matrix products in 16 bits, the rest float32. On CUDA autocast of the forward pass;
+    # fp16 needs CUDA and uses a gradient scaler. bf16 on the CPU (fast with AMX or AVX512-BF16): the
+    # decoder's products and output layer only, with no autocast (train.use_precision).
     precision: str = "fp32"
     compile: bool = False  # torch.compile the decoder step (attention, RNN cell) of the training loop
     seed: int = 42

@@ -72,7 +72,7 @@ class Translator:
             self.model = quantize_int8(self.model)
         for module in self.model.modules() if bf16 else ():
             if isinstance(module, Decoder):  # the step's products in bfloat16 from weights cast once: on the
-                module.bf16_decoding = True  # CPU this beat autocast of the whole step (a cast per product)
+                module.bf16_products = True  # CPU this beat autocast of the whole step (a cast per product)
         self.search_cfg = search_cfg or bundle.config.search
         self.search_cfg.validate()
         self.max_src_len = bundle.config.data.truncate_len

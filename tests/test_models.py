@@ -194,9 +194,9 @@ def decoding_steps_fp32_and_bf16(model, batch):
         return torch.stack(out, 1), state.hidden
 
     full = step_loop()
-    model.decoder.bf16_decoding = True
+    model.decoder.bf16_products = True
     half = step_loop()
-    model.decoder.bf16_decoding = False
+    model.decoder.bf16_products = False
     return full, half
 
 
@@ -220,6 +220,34 @@ def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
     assert_bf16_steps_close(full, half)
 
 
+@pytest.mark.parametrize("cell,attention,feeding", [("gru", "bahdanau", True), ("lstm", "luong_general", True),
+                                                    ("gru", "none", False)])
+def test_bf16_product_training_is_close_to_fp32_and_follows_the_weights(cell, attention, feeding):
+    """trainer.precision=bf16 on the CPU: the decoder's products in bfloat16, from casts made once per weight
+    version, so that an optimizer step (an in-place update) is seen by the next forward pass."""
+    torch.manual_seed(12)
+    model = Seq2Seq(tiny_model_config(cell=cell, attention=attention, input_feeding=feeding), 40, 40).train()
+    model.decoder.dropout.p = model.decoder.emb_dropout.p = model.encoder.dropout.p = 0.0
+    batch, _, _ = random_batch(40, [6, 3, 5], seed=12)
+    params = list(model.parameters())
+
+    def loss_and_grads(bf16):
+        model.decoder.bf16_products = bf16
+        loss = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out)
+        return [loss.detach()] + list(torch.autograd.grad(loss, params))
+
+    for _ in range(2):
+        full, half = loss_and_grads(False), loss_and_grads(True)
+        assert not torch.equal(full[0], half[0])
+        for a, b in zip(full, half):
+            assert torch.allclose(a, b, rtol=0.05, atol=0.02 * a.abs().max().item())
+        with torch.no_grad():  # as an optimizer step does
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.05)
+    casts = [v for _, v in model.decoder._decoding_cache.values()]
+    assert casts and all(v.dtype == torch.bfloat16 and v.requires_grad for v in casts)
+
+
 @pytest.mark.parametrize("label_smoothing,tie", [(0.0, False), (0.1, False), (0.1, True)])
 def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, tie, monkeypatch):
     monkeypatch.setattr(output_loss, "CHUNK_ROWS", 4)  # several chunks, the last one short
@@ -240,7 +268,8 @@ def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, ti
     assert torch.allclose(again, plain.detach(), rtol=1e-5)
 
 
-def test_chunked_output_loss_in_bfloat16_is_close(monkeypatch):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_chunked_output_loss_in_bfloat16_is_close(label_smoothing, monkeypatch):
     """Loss and gradients; chunks of 8 rows (the rows padded to whole chunks), weight gradients over groups
     of 2 chunks (the last one part)."""
     monkeypatch.setattr(output_loss, "CHUNK_ROWS", 8)
@@ -252,9 +281,9 @@ def test_chunked_output_loss_in_bfloat16_is_close(monkeypatch):
     grads = []
     for low_precision in (None, torch.bfloat16):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        loss = output_loss.linear_cross_entropy(*leaves, target, low_precision=low_precision)
+        loss = output_loss.linear_cross_entropy(*leaves, target, label_smoothing, low_precision=low_precision)
         grads.append([loss.detach()] + list(torch.autograd.grad(loss * 0.5, leaves)))
-    exact = sequence_loss(F.linear(x, weight, bias)[None], target[None])
+    exact = sequence_loss(F.linear(x, weight, bias)[None], target[None], label_smoothing)
     assert torch.allclose(grads[0][0], exact, rtol=1e-5)
     for exact_value, low_value in zip(*grads):
         assert torch.allclose(low_value, exact_value, rtol=2e-2, atol=2e-2) and not torch.equal(low_value, exact_value)

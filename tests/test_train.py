@@ -56,8 +56,10 @@ def test_only_the_last_and_best_checkpoints_are_kept(tmp_path):
 
 
 def test_bf16_precision_trains_on_the_cpu_and_fp16_is_refused(tmp_path):
-    summary = train(tiny_config(trainer=dict(precision="bf16", max_steps=4, valid_every=4)), tmp_path / "bf16")
-    assert summary["steps"] == 4
+    flags = []  # on the CPU the decoder's products run in bfloat16, not under autocast (train.use_precision)
+    summary = train(tiny_config(trainer=dict(precision="bf16", max_steps=4, valid_every=4)), tmp_path / "bf16",
+                    on_step=lambda model, progress: flags.append(model.decoder.bf16_products))
+    assert summary["steps"] == 4 and flags == [True] * 4
     history = [json.loads(line) for line in (tmp_path / "bf16" / "validations.jsonl").read_text().splitlines()]
     assert history[-1]["valid_loss"] < 10
     from seq2seq.config import ConfigError

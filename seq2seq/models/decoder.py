@@ -63,7 +63,9 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dec_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embedding.weight
-        self.bf16_decoding = False  # a run-time choice (translate --bf16): decoding's matrix products in bfloat16
+        # a run-time choice (translate --bf16; trainer.precision=bf16 on the CPU): the step's matrix products
+        # and the output layer in bfloat16, the elementwise work in float32 (see ``linear``)
+        self.bf16_products = False
         self._decoding_cache = {}  # name -> (key, value): weights prepared once for decoding (see _kept)
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
@@ -109,27 +111,31 @@ class Decoder(nn.Module):
 
     def project(self, pre_output: torch.Tensor) -> torch.Tensor:
         """pre-output vectors [..., D] -> logits [..., V]"""
-        if self.decoding_bf16():
-            return self.linear(pre_output, self.output.weight, self.output.bias)
-        if self.bf16_decoding:
-            with torch.autocast(pre_output.device.type, dtype=torch.bfloat16):
-                return self.output(self.dropout(pre_output)).float()
+        if self.bf16_products:
+            return self.linear(self.dropout(pre_output), self.output.weight, self.output.bias)
         return self.output(self.dropout(pre_output))
 
     def decoding_bf16(self) -> bool:
-        """Decoding (no gradients) with ``bf16_decoding`` set: the step's products run in bfloat16 (``linear``)."""
-        return self.bf16_decoding and not torch.is_grad_enabled()
+        """Decoding (no gradients) with ``bf16_products`` set: the step's products from cached bf16 weights."""
+        return self.bf16_products and not torch.is_grad_enabled()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [..., I] @ weight [O, I].T + bias -> float32 [..., O]; F.linear, except in bfloat16 decoding.
+        """x [..., I] @ weight [O, I].T + bias -> float32 [..., O]; F.linear, unless ``bf16_products`` is set.
 
-        There the product comes from a transposed bfloat16 copy of the weight made once, not at every
-        step (casting per step cost as much as the product, which is why autocast lost), with the rows
-        padded to a multiple of 32 (oneDNN builds a kernel per shape, and search shrinks the batch), and
-        the result goes to float32 before the bias is added (mixed-type elementwise ops take a slow path).
+        Then the product runs in bfloat16 (the CPU's AMX units run it several times faster than float32)
+        and everything around it in float32: the result goes to float32 before the bias is added, as
+        bfloat16 elementwise ops run ~3x slower than float32 on CPUs (which is why autocast lost).
+        The weight's bfloat16 copy is made once, not at every step (casting per step cost as much as the
+        product): per optimizer step in training, once in decoding. Decoding keeps it transposed and
+        pads the rows to a multiple of 32 (oneDNN builds a kernel per shape, and search shrinks the batch).
         """
-        if not self.decoding_bf16():
+        if not self.bf16_products:
             return F.linear(x, weight, bias)
+        if torch.is_grad_enabled():
+            if isinstance(weight, nn.Parameter):  # cast once per optimizer step (the key holds its version)
+                weight = self._kept(("bf16-grad", id(weight)), _versions([weight]), lambda: weight.to(torch.bfloat16))
+            out = F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
+            return out if bias is None else out + bias
         weight_t = self._kept(("bf16", id(weight)), (weight.device, *_versions([weight])),
                               lambda: weight.detach().t().contiguous().to(torch.bfloat16))  # [I, O]
         flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # [R, I]
@@ -175,7 +181,7 @@ class Decoder(nn.Module):
                 context = enc.context
             extra = [context] + ([state.feed] if self.input_feeding else [])
         if self.manual_cell:
-            linear = F.linear
+            linear = self.linear if self.bf16_products else F.linear
             if self.decoding_bf16():  # layer 0's whole input product at once, in bfloat16
                 linear = self.linear
                 emb_gates = linear(torch.cat([embedded] + extra, dim=-1), self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
@@ -196,7 +202,7 @@ class Decoder(nn.Module):
 
     def _attend(self, query: torch.Tensor, enc: EncoderOutput):
         """query [B, Q] -> (context [B, He], attention weights [B, S])."""
-        if self.decoding_bf16():
+        if self.bf16_products:
             context, attn = self.attention(query[:, None, :], enc.keys, enc.memory, enc.mask, linear=self.linear)
         else:
             context, attn = self._maybe_compiled("attention", self.attention)(
@@ -206,7 +212,7 @@ class Decoder(nn.Module):
     def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
         parts = [output, context] if self.luong else [output, embedded, context]
-        if self.decoding_bf16():
+        if self.bf16_products:
             return torch.tanh(self.linear(torch.cat(parts, dim=-1), self.pre_output.weight, self.pre_output.bias))
         return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
 
@@ -225,7 +231,7 @@ class Decoder(nn.Module):
         if not self.manual_cell:
             return None
         emb_size = embedded.size(-1)
-        return F.linear(embedded, self.rnn.weight_ih_l0[:, :emb_size], self.rnn.bias_ih_l0)
+        return self.linear(embedded, self.rnn.weight_ih_l0[:, :emb_size], self.rnn.bias_ih_l0)
 
     def cell_weights(self) -> list:
         """Per layer (w_ih, w_hh, b_ih, b_hh) for :func:`rnn_cell_step`: layer 0's w_ih is only its columns
@@ -234,11 +240,11 @@ class Decoder(nn.Module):
         decoding keeps them until the weights change."""
         device = self.rnn.weight_hh_l0.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        if torch.is_grad_enabled():
-            return self._make_cell_weights(dtype)
+        if torch.is_grad_enabled():  # bf16_products: matrices in bfloat16, biases float32 (see ``linear``)
+            return self._make_cell_weights(torch.bfloat16 if self.bf16_products else dtype, self.bf16_products)
         return self._kept("cell", (dtype, *_versions(self.rnn.parameters())), lambda: self._make_cell_weights(dtype))
 
-    def _make_cell_weights(self, dtype: Optional[torch.dtype]) -> list:
+    def _make_cell_weights(self, dtype: Optional[torch.dtype], float32_biases: bool = False) -> list:
         rnn, weights = self.rnn, []
         for layer in range(rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
@@ -246,7 +252,9 @@ class Decoder(nn.Module):
             if layer == 0:
                 w_ih = w_ih[:, self.cfg.emb_size:].contiguous()  # [G*D, extra inputs]
             if dtype is not None:
-                w_ih, w_hh, b_ih, b_hh = (w.to(dtype) for w in (w_ih, w_hh, b_ih, b_hh))
+                w_ih, w_hh = w_ih.to(dtype), w_hh.to(dtype)
+                if not float32_biases:
+                    b_ih, b_hh = b_ih.to(dtype), b_hh.to(dtype)
             weights.append((w_ih, w_hh, b_ih, b_hh))
         return weights
 
@@ -271,8 +279,8 @@ class Decoder(nn.Module):
                                     label_smoothing, self._low_precision(pre_output.device))
 
     def _low_precision(self, device: torch.device) -> Optional[torch.dtype]:
-        """bfloat16 for the output layer under bf16 autocast, or where ``bf16_decoding`` is set (as ``project``)."""
-        if self.bf16_decoding or (torch.is_autocast_enabled(device.type)
+        """bfloat16 for the output layer under bf16 autocast, or where ``bf16_products`` is set (as ``project``)."""
+        if self.bf16_products or (torch.is_autocast_enabled(device.type)
                                 and torch.get_autocast_dtype(device.type) == torch.bfloat16):
             return torch.bfloat16
         return None  # fp16 autocast keeps this layer in float32: its small gradients would underflow
@@ -339,8 +347,10 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
     Returns (top-layer output [B, D], hidden [L, B, D], cell state [L, B, D] or None).
     """
     gates_in = emb_gates
-    if extra:
+    if extra and linear is F.linear:
         gates_in = torch.addmm(emb_gates, torch.cat(extra, dim=-1), weights[0][0].t())
+    elif extra:
+        gates_in = emb_gates + linear(torch.cat(extra, dim=-1), weights[0][0])
     hiddens, cells = [], []
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if layer > 0:
