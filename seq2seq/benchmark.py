@@ -17,6 +17,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -87,7 +88,7 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).to(device).train()
     optimizer, _ = build_optimizer(model, cfg)
     t = cfg.trainer
-    use_precision(model, t.precision, device)
+    use_precision(model, t.precision, torch.device(device))
     model.decoder.compile_step = t.compile
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     step_times, step_tokens, start, epoch = [], [], time.perf_counter(), 0
@@ -144,7 +145,13 @@ def run_in_child(target, *args) -> dict:
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not process.is_alive():  # it failed before reporting: its traceback is on stderr
+                raise RuntimeError(f"the benchmark's {target.__name__} process failed (exit code {process.exitcode})")
     process.join()
     return result
 

@@ -37,7 +37,7 @@ def set_seed(seed: int) -> None:
 DECODING_KERNEL_CACHE = 256  # oneDNN kernels kept while decoding (see set_threads)
 
 
-def set_threads(threads: int, kernel_cache: int = 32) -> None:
+def set_threads(threads: int, kernel_cache: int = 128) -> None:
     """Use ``threads`` CPU threads (0 = torch's default), flush denormal floats to zero, and bound
     oneDNN's cache of compiled matrix-product kernels.
 
@@ -47,8 +47,10 @@ def set_threads(threads: int, kernel_cache: int = 32) -> None:
     default; batches of varying shape in bfloat16 grew training's peak memory to 2.52 GiB that way
     (Multi30k, 150 s). A kernel missing from the cache is rebuilt (15-40 ms for a product that takes
     3 ms): with batches of a multiple of 8 sentences (``trainer.batch_multiple``) and the loss in whole
-    chunks, a cache of 64 trained 1.3x faster than one of 16 (60-step runs here), and 32 as fast as 64
-    with 70-90 MB less memory (80-step runs). Decoding with ``--bf16`` multiplies five weights by up
+    chunks, a cache of 64 trained 1.3x faster than one of 16 under autocast (60-step runs here). bf16
+    training's decoder step pads its rows to a multiple of 32 (``decoder.ROW_MULTIPLE``): about ten row
+    counts times twelve products, so the cache holds 128 (50 batches: 193 kernels built, against 631
+    with 32; 45 MB more peak memory). Decoding with ``--bf16`` multiplies five weights by up
     to ten padded row counts (beam 5, batch 64), and there a cache of 32 ran 0.8x as fast as one of 256
     (test2016, beam 5), at the same peak memory: ``kernel_cache`` is the capacity (``DECODING_KERNEL_CACHE``
     for decoding). Call before the first matrix product; the environment variable, when set, wins.

@@ -44,59 +44,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         group_rows = max(1, LOW_PRECISION_GROUP_ROWS // CHUNK_ROWS) * CHUNK_ROWS  # whole chunks
         group_grads = x.new_empty((min(group_rows, x.size(0)), vocab), dtype=w.dtype) if need_grad and low else None
         total = x.new_zeros((), dtype=torch.float32)
-        # Buffers that every chunk reuses: a fresh 8 MB result per chunk was fresh memory from the OS each
-        # time, and its page faults cost more than the pass that wrote it (log_softmax took 4.9 ms per chunk
-        # in training against 0.8 ms alone)
-        chunk = min(CHUNK_ROWS, x.size(0))
-        logits_buffer = x.new_empty((chunk, vocab), dtype=torch.float32)
-        log_probs_buffer = torch.empty_like(logits_buffer)
-        low_buffer = x.new_empty((chunk, vocab), dtype=w.dtype) if low else None
+        target_grad = torch.full((CHUNK_ROWS, 1), -(1 - label_smoothing), device=x.device)  # the one-hot's share
         for start in range(0, x.size(0), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             xc, tc = x[rows].to(w.dtype), target[rows]
-            n = xc.size(0)
-            valid = min(n, count - start)  # the chunk's rows that are not the added ones
-            logits, log_probs = logits_buffer[:n], log_probs_buffer[:n]  # [n, V]
+            valid = min(xc.size(0), count - start)  # the chunk's rows that are not the added ones
             if low:
-                logits.copy_(torch.mm(xc, w_t, out=low_buffer[:n]))
+                logits = torch.mm(xc, w_t).float()  # [n, V]
                 if bias is not None:
                     logits += bias
-            elif bias is None:
-                torch.mm(xc, w_t, out=logits)
             else:
-                torch.addmm(bias, xc, w_t, out=logits)
+                logits = torch.mm(xc, w_t) if bias is None else torch.addmm(bias, xc, w_t)  # [n, V]
             # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract,
             # exp and sum as separate ops each streamed the whole chunk through memory
-            torch.log_softmax(logits, dim=-1, out=log_probs)
-            target_log_probs = log_probs.gather(1, tc[:, None])  # [n, 1]
-            loss = -(1 - label_smoothing) * target_log_probs[:, 0]
+            log_probs = torch.log_softmax(logits, dim=-1)  # [n, V]
+            loss = -(1 - label_smoothing) * log_probs.gather(1, tc[:, None])[:, 0]
             if label_smoothing:
                 loss -= label_smoothing * log_probs.mean(-1)
             total += loss[:valid].sum()
             if not need_grad:
                 continue
-            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows;
-            # at the targets computed in float32 and written over (softmax - 1 in bf16 would lose it)
-            target_grad = target_log_probs.exp() - (1 - label_smoothing)  # [n, 1]
-            in_group = start % group_rows
-            grad = group_grads[in_group:in_group + n] if low else log_probs  # [n, V]
+            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows
+            grad = log_probs.exp_()  # in place: the softmax
             if label_smoothing:
-                target_grad -= label_smoothing / vocab
-                log_probs.exp_().sub_(label_smoothing / vocab)
-                if low:
-                    grad.copy_(log_probs)
-            else:
-                torch.exp(log_probs, out=grad)  # the softmax (in place in float32; in bfloat16 into its group)
-            grad.scatter_(1, tc[:, None], target_grad.to(grad.dtype))
-            if valid < n:
+                grad.sub_(label_smoothing / vocab)
+            grad.scatter_add_(1, tc[:, None], target_grad[:xc.size(0)])
+            if valid < xc.size(0):
                 grad[valid:] = 0.0
             if grad_b is not None:
-                grad_b += grad.sum(0, dtype=torch.float32)
-            torch.mm(grad, w, out=grad_x[rows]) if not low else grad_x[rows].copy_(torch.mm(grad, w))
+                grad_b += grad.sum(0)
             if not low:
+                grad_x[rows] = torch.mm(grad, w)
                 grad_w.addmm_(grad.t(), xc)
                 continue
-            end = start + n
+            in_group, end = start % group_rows, start + xc.size(0)
+            grad_low = group_grads[in_group:in_group + xc.size(0)]
+            grad_low.copy_(grad)
+            grad_x[rows] = torch.mm(grad_low, w)
             if end % group_rows == 0 or end == x.size(0):  # the group's weight gradient, one product
                 group_start = start - in_group
                 grad_w += torch.mm(group_grads[:end - group_start].t(), x[group_start:end].to(w.dtype)).float()
