@@ -178,7 +178,7 @@ class TrainerConfig:
     # fp16 needs CUDA and uses a gradient scaler. bf16 on the CPU (fast with AMX or AVX512-BF16): the
     # decoder's products and output layer only, with no autocast (train.use_precision).
     precision: str = "fp32"
-    compile: bool = False  # torch.compile the decoder step (attention, RNN cell) of the training loop
+    compile: bool = False  # torch.compile the decoder step (attention, RNN cell); bf16 on the CPU stays eager
     seed: int = 42
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     optimizer: str = "adam"  # adam | adamw

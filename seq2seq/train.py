@@ -93,6 +93,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config):
 @torch.no_grad()
 def validation_loss(model, src_ids, tgt_ids, batch_tokens: int, device) -> tuple[float, int]:
     model.eval()
+    model.decoder.drop_cached_weights()  # the weights changed since the last validation
     total, tokens = 0.0, 0
     for group in token_batches([len(s) for s in src_ids], [len(t) for t in tgt_ids], batch_tokens, 0, 0):
         batch = make_batch([src_ids[i] for i in group], [tgt_ids[i] for i in group]).to(device)

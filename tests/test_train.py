@@ -84,3 +84,27 @@ def test_the_fused_optimizer_makes_the_same_updates(name):
         plain.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_validation_sees_the_weights_after_a_fused_optimizer_step():
+    """A fused Adam step updates the weights without changing their versions: validation must not score
+    the bfloat16 copies cast before it."""
+    from seq2seq.batch import make_batch
+    from seq2seq.train import train_step, use_precision, validation_loss
+
+    cfg = tiny_config(trainer=dict(precision="bf16", lr=0.05))
+    torch.manual_seed(5)
+    model = Seq2Seq(cfg.model, 30, 30)
+    use_precision(model, "bf16", torch.device("cpu"))
+    generator = torch.Generator().manual_seed(5)
+    src = [torch.randint(4, 30, (n,), generator=generator).tolist() for n in (5, 7, 4, 6)]
+    tgt = [torch.randint(4, 30, (n,), generator=generator).tolist() for n in (6, 4, 5, 7)]
+    optimizer, _ = build_optimizer(model, cfg)
+    for _ in range(2):
+        validation_loss(model, src, tgt, 1000, torch.device("cpu"))  # casts the weights for decoding
+        model.train()
+        train_step(model, make_batch(src, tgt), optimizer, cfg.trainer)
+    half, _ = validation_loss(model, src, tgt, 1000, torch.device("cpu"))
+    model.decoder.bf16_products = False
+    full, _ = validation_loss(model, src, tgt, 1000, torch.device("cpu"))
+    assert half != full and abs(half - full) < 0.02 * full

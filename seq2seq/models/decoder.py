@@ -131,16 +131,14 @@ class Decoder(nn.Module):
         Then the product runs in bfloat16 (the CPU's AMX units run it several times faster than float32)
         and everything around it in float32: the result goes to float32 before the bias is added, as
         bfloat16 elementwise ops run ~3x slower than float32 on CPUs (which is why autocast lost).
-        The weight's bfloat16 copy is made once, not at every step (casting per step cost as much as the
-        product): per optimizer step in training, once in decoding (there transposed). The rows are padded
-        to a multiple of ``ROW_MULTIPLE``.
+        In decoding the weight's bfloat16 copy is made once, transposed, not at every step (casting per
+        step cost as much as the product); training casts the step's recurrent weights once per batch
+        (``cell_weights``) and the rest at each call. The rows are padded to a multiple of ``ROW_MULTIPLE``.
         """
         if not self.bf16_products:
             return F.linear(x, weight, bias)
-        if torch.is_grad_enabled():
-            if isinstance(weight, nn.Parameter):  # cast once per optimizer step (the key holds its version)
-                weight = self._kept(("bf16-grad", id(weight)), _versions([weight]), lambda: weight.to(torch.bfloat16))
-            weight_t = weight.to(torch.bfloat16).t()  # [I, O]
+        if torch.is_grad_enabled():  # cast at each call: a fused optimizer step leaves a weight's version
+            weight_t = weight.to(torch.bfloat16).t()  # [I, O]  # as it was, so no cache could see it change
         else:
             weight_t = self._kept(("bf16", id(weight)), (weight.device, *_versions([weight])),
                                   lambda: weight.detach().t().contiguous().to(torch.bfloat16))  # [I, O]
@@ -150,6 +148,12 @@ class Decoder(nn.Module):
         if bias is not None:
             out.add_(bias)
         return out.view(*x.shape[:-1], out.size(-1))
+
+    def drop_cached_weights(self) -> None:
+        """Forget the weights prepared for decoding. Their key holds the weights' versions, but a fused
+        optimizer step updates a weight in place without changing its version: training calls this
+        before it validates."""
+        self._decoding_cache.clear()
 
     def _kept(self, name: str, key: tuple, make):
         """``make()``, kept between decoding steps for as long as ``key`` (the weights' versions) holds."""
@@ -323,8 +327,9 @@ class Decoder(nn.Module):
 
     def _maybe_compiled(self, name: str, function):
         """``function`` itself, or through torch.compile when ``compile_step`` is set (compiled once, for
-        any batch and source size): fewer, fused kernels per step, at a per-call cost of its own."""
-        if not self.compile_step:
+        any batch and source size): fewer, fused kernels per step, at a per-call cost of its own.
+        ``bf16_products`` steps stay eager: their products go through ``linear``'s cache of cast weights."""
+        if not self.compile_step or self.bf16_products:
             return function
         if name not in self._compiled:
             self._compiled[name] = torch.compile(function, dynamic=True)
