@@ -40,7 +40,7 @@ class DecoderState:
 
 # bfloat16 products pad their rows to a multiple of this: oneDNN builds a kernel per matrix shape (1-2.5 ms
 # each here), and training batches vary in size and search shrinks its batch. 50 training batches on
-# Multi30k spent 1.4 s building kernels unpadded, 0.26 s padded to 32 (with runtime.TRAINING_KERNEL_CACHE)
+# Multi30k spent 1.4 s building kernels unpadded, 0.26 s padded to 32 (with set_threads' cache of 128)
 ROW_MULTIPLE = 32
 
 
@@ -137,8 +137,8 @@ class Decoder(nn.Module):
         """
         if not self.bf16_products:
             return F.linear(x, weight, bias)
-        if torch.is_grad_enabled():  # cast at each call: a fused optimizer step leaves a weight's version
-            weight_t = weight.to(torch.bfloat16).t()  # [I, O]  # as it was, so no cache could see it change
+        if torch.is_grad_enabled():  # cast at each call: a fused optimizer step updates a weight without
+            weight_t = weight.to(torch.bfloat16).t()  # [I, O]   changing its version, so a cache would go stale
         else:
             weight_t = self._kept(("bf16", id(weight)), (weight.device, *_versions([weight])),
                                   lambda: weight.detach().t().contiguous().to(torch.bfloat16))  # [I, O]
@@ -328,7 +328,7 @@ class Decoder(nn.Module):
     def _maybe_compiled(self, name: str, function):
         """``function`` itself, or through torch.compile when ``compile_step`` is set (compiled once, for
         any batch and source size): fewer, fused kernels per step, at a per-call cost of its own.
-        ``bf16_products`` steps stay eager: their products go through ``linear``'s cache of cast weights."""
+        ``bf16_products`` steps stay eager (not tried under torch.compile)."""
         if not self.compile_step or self.bf16_products:
             return function
         if name not in self._compiled:
