@@ -114,12 +114,16 @@ def training_loss(model, batch, teacher_forcing: float = 1.0, label_smoothing: f
                  label_smoothing=label_smoothing)
 
 
+def bf16_on_cpu(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" and device.type == "cpu"
+
+
 def use_precision(model: Seq2Seq, precision: str, device: torch.device) -> None:
     """bf16 on the CPU runs the decoder's matrix products and output layer in bfloat16 and everything else
     in float32 (``Decoder.bf16_products``), not autocast: CPUs multiply bfloat16 matrices several times
     faster than float32 (AMX), but run its elementwise ops ~3x slower, and the encoder's fused RNN was slower
     in bfloat16. On CUDA bf16 and fp16 are autocast of the forward pass (``train_step``)."""
-    model.decoder.bf16_products = precision == "bf16" and device.type == "cpu"
+    model.decoder.bf16_products = bf16_on_cpu(precision, device)
 
 
 def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None,
@@ -131,7 +135,7 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
     ``scaler``), except bf16 on the CPU: see :func:`use_precision`.
     """
     device = device or batch.src.device
-    amp_dtype = autocast_dtype(t.precision) if not (t.precision == "bf16" and device.type == "cpu") else None
+    amp_dtype = None if bf16_on_cpu(t.precision, device) else autocast_dtype(t.precision)
     optimizer.zero_grad(set_to_none=True)
     try:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

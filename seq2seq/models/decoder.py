@@ -193,7 +193,6 @@ class Decoder(nn.Module):
         if self.manual_cell:
             linear = self.linear if self.bf16_products else F.linear
             if self.decoding_bf16():  # layer 0's whole input product at once, in bfloat16
-                linear = self.linear
                 emb_gates = linear(torch.cat([embedded] + extra, dim=-1), self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
                 extra = []
             elif emb_gates is None:
@@ -245,9 +244,9 @@ class Decoder(nn.Module):
 
     def cell_weights(self) -> list:
         """Per layer (w_ih, w_hh, b_ih, b_hh) for :func:`rnn_cell_step`: layer 0's w_ih is only its columns
-        for the inputs after the embedding, contiguous, and under autocast every weight is already in its
-        type, so that a loop over time steps slices and casts nothing. Training makes them once per batch;
-        decoding keeps them until the weights change."""
+        for the inputs after the embedding, contiguous, and under autocast every weight (in training with
+        ``bf16_products`` every matrix) is already in its type, so that a loop over time steps slices and
+        casts nothing. Training makes them once per batch; decoding keeps them (see ``_kept``)."""
         device = self.rnn.weight_hh_l0.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         if torch.is_grad_enabled():  # bf16_products: matrices in bfloat16, biases float32 (see ``linear``)
