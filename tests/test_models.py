@@ -106,6 +106,29 @@ def test_packed_batch_equals_unpadded_single_sentences(cell):
             assert torch.allclose(packed.final[:, i], single.final[:, 0], atol=1e-5)
 
 
+@pytest.mark.parametrize("cell,bidirectional", [("gru", True), ("rnn", True), ("gru", False)])
+def test_encoder_by_direction_equals_packed_sequences_with_gradients(cell, bidirectional):
+    """The GRU / RNN encoder's fused per-direction path gives the packed path's states and gradients."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.manual_seed(5)
+    model = Seq2Seq(tiny_model_config(cell=cell, enc_layers=2, bidirectional=bidirectional), 20, 20).train()
+    encoder = model.encoder
+    batch, _, _ = random_batch(20, [7, 2, 5, 7], seed=5)
+    embedded = encoder.embedding(batch.src)
+    mask = batch.src != 0
+    memory, final = encoder._by_direction(embedded, batch.src_len, mask)
+    packed = pack_padded_sequence(embedded, batch.src_len, batch_first=True, enforce_sorted=False)
+    out, final_ref = encoder.rnn(packed)
+    memory_ref, _ = pad_packed_sequence(out, batch_first=True, total_length=batch.src.size(1))
+    assert torch.allclose(memory, memory_ref, atol=1e-6) and torch.all(memory[~mask] == 0)
+    assert torch.allclose(final, final_ref, atol=1e-6)
+    weights = torch.randn_like(memory)
+    grads = torch.autograd.grad((memory * weights).sum() + final.sum(), list(encoder.rnn.parameters()))
+    grads_ref = torch.autograd.grad((memory_ref * weights).sum() + final_ref.sum(), list(encoder.rnn.parameters()))
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert torch.allclose(grad, grad_ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("bridge,enc_layers,dec_layers", [
     ("learned", 1, 2), ("copy", 2, 2), ("copy", 1, 3), ("copy", 3, 2), ("zeros", 1, 1)])
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

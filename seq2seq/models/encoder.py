@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import ModelConfig
-from seq2seq.models.dropout import Dropout
+from seq2seq.models.dropout import Dropout, dropout
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
@@ -54,6 +54,44 @@ class Encoder(nn.Module):
         self.num_layers = cfg.enc_layers
         self.hidden_size = cfg.enc_hidden_size
 
+    @property
+    def _fused_directions(self) -> bool:
+        """Whether ``_by_direction`` can run this RNN: a float GRU or tanh RNN (an LSTM's final cell state is
+        not among its outputs; a quantised module has no plain weights)."""
+        return type(self.rnn) is nn.GRU or (type(self.rnn) is nn.RNN and self.rnn.nonlinearity == "tanh")
+
+    def _by_direction(self, embedded: torch.Tensor, src_len: torch.Tensor, mask: torch.Tensor):
+        """The GRU / RNN over padded sentences as packed sequences would give it, layer by layer and one call
+        per direction: the forward direction reads the padding only after the last word, and the backward
+        direction reads each sentence reversed within its length, so padding never reaches a real position.
+        Why: PyTorch's packed path on the CPU multiplies the inputs step by step, the unpacked one all positions
+        at once; a bi-GRU's forward and backward over Multi30k training batches took 72 instead of 92 ms here.
+        -> (memory [B, S, He], zero at padding; final states [L * dirs, B, H] in nn.GRU's order)."""
+        rnn, batch, length = self.rnn, embedded.size(0), embedded.size(1)
+        step_fn = torch.gru if isinstance(rnn, nn.GRU) else torch.rnn_tanh
+        positions = torch.arange(length, device=embedded.device)[None, :]  # [1, S]
+        last = (src_len - 1).to(embedded.device)  # [B]
+        reverse = torch.where(mask, last[:, None] - positions, positions)  # [B, S], its own inverse
+        finals, layer_input = [], embedded
+        h0 = embedded.new_zeros(1, batch, rnn.hidden_size)
+        for layer in range(rnn.num_layers):
+            if layer > 0:
+                layer_input = dropout(layer_input, rnn.dropout, self.training)
+            outputs = []
+            for direction, suffix in enumerate(["", "_reverse"][: self.directions]):
+                params = [getattr(rnn, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih",
+                                                                               "bias_hh")]
+                index = reverse[:, :, None].expand(-1, -1, layer_input.size(-1)) if direction else None
+                x = layer_input.gather(1, index) if direction else layer_input
+                out, _ = step_fn(x, h0, params, True, 1, 0.0, self.training, False, True)  # [B, S, H]
+                finals.append(out[torch.arange(batch, device=out.device), last])  # [B, H] after the last word
+                if direction:
+                    out = out.gather(1, reverse[:, :, None].expand(-1, -1, out.size(-1)))
+                outputs.append(out)
+            layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        memory = layer_input * mask[:, :, None]  # [B, S, He]
+        return memory, torch.stack(finals)  # finals in nn.GRU's order: layer-major, forward then backward
+
     def _merge_directions(self, state: torch.Tensor) -> torch.Tensor:
         # [L * dirs, B, H] -> [L, B, dirs * H]
         layers, batch = self.num_layers, state.size(1)
@@ -61,15 +99,18 @@ class Encoder(nn.Module):
         return torch.cat([state[:, d] for d in range(self.directions)], dim=-1)
 
     def forward(self, src: torch.Tensor, src_len: torch.Tensor, packed: bool = True) -> EncoderOutput:
-        """src [B, S] ids, src_len [B] lengths (>= 1)."""
+        """src [B, S] ids, src_len [B] lengths (>= 1). ``packed=False`` runs the RNN over the padding as if
+        it were words (a batch without padding only)."""
         mask = src != 0  # padding id is 0
         if packed:
             mask = torch.arange(src.size(1), device=src.device)[None, :] < src_len[:, None]
         embedded = self.emb_dropout(self.embedding(src))  # [B, S, E]
-        if packed:
+        if packed and not self._fused_directions:
             packed_input = pack_padded_sequence(embedded, src_len.cpu(), batch_first=True, enforce_sorted=False)
             packed_output, state = self.rnn(packed_input)
             memory, _ = pad_packed_sequence(packed_output, batch_first=True, total_length=src.size(1))
+        elif packed:
+            memory, state = self._by_direction(embedded, src_len, mask)
         else:
             memory, state = self.rnn(embedded)
         hidden, cell = state if isinstance(state, tuple) else (state, None)
