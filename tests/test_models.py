@@ -290,6 +290,23 @@ def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, ti
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_chunked_output_loss_of_a_target_far_below_the_rest(label_smoothing):
+    """The loss takes log p(target) from the softmax; a target with log p < -110 (p is 0 in float32) still
+    gets its exact loss, and its gradient stays finite."""
+    torch.manual_seed(7)
+    x, weight = torch.randn(6, 8), torch.randn(10, 8)
+    x[2] = weight[3] * 80  # row 2 puts logit 3 far above the rest
+    target = torch.tensor([1, 4, 5, 0, 9, 2])  # row 2's target is another token (0 is padding: ignored)
+    x.requires_grad_(True)
+    expected = F.cross_entropy(x @ weight.t(), target, ignore_index=0, reduction="sum", label_smoothing=label_smoothing)
+    assert (x[2] @ weight.t()).max() - (x[2] @ weight[5]) > 110
+    loss = output_loss.linear_cross_entropy(x, weight, None, target, label_smoothing)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    grad, expected_grad = torch.autograd.grad(loss, x)[0], torch.autograd.grad(expected, x)[0]
+    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_chunked_output_loss_in_bfloat16_is_close(label_smoothing, monkeypatch):
     """Loss and gradients; chunks of 8 rows (the rows padded to whole chunks), weight gradients over groups
     of 2 chunks (the last one part)."""

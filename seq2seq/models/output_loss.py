@@ -1,6 +1,6 @@
 """The output layer and cross-entropy in one pass over row chunks, never holding all the logits.
 
-Training computes logits [N, V] for every target position, a log-softmax over them, and the same
+Training computes logits [N, V] for every target position, a softmax over them, and the same
 again backwards: five or so passes over an N x V float32 tensor (N = 4,000 tokens and V = 8,000 is
 128 MB). On a CPU those passes are bound by memory bandwidth, and cost more than the matrix products.
 Here each chunk of rows goes through logits, softmax, loss and gradient while it is still in cache;
@@ -41,6 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x, dtype=torch.float32) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_grad and bias is not None else None
+        bias_low = bias.to(w.dtype) if low and bias is not None else None  # added inside the product
         group_rows = max(1, LOW_PRECISION_GROUP_ROWS // CHUNK_ROWS) * CHUNK_ROWS  # whole chunks
         group_grads = x.new_empty((min(group_rows, x.size(0)), vocab), dtype=w.dtype) if need_grad and low else None
         total = x.new_zeros((), dtype=torch.float32)
@@ -49,26 +50,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + CHUNK_ROWS)
             xc, tc = x[rows].to(w.dtype), target[rows]
             valid = min(xc.size(0), count - start)  # the chunk's rows that are not the added ones
-            if low:
+            if bias is None:
                 logits = torch.mm(xc, w_t).float()  # [n, V]
-                if bias is not None:
-                    logits += bias
             else:
-                logits = torch.mm(xc, w_t) if bias is None else torch.addmm(bias, xc, w_t)  # [n, V]
-            # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract,
-            # exp and sum as separate ops each streamed the whole chunk through memory
-            log_probs = torch.log_softmax(logits, dim=-1)  # [n, V]
-            loss = -(1 - label_smoothing) * log_probs.gather(1, tc[:, None])[:, 0]
-            if label_smoothing:
-                loss -= label_smoothing * log_probs.mean(-1)
-            total += loss[:valid].sum()
+                logits = torch.addmm(bias_low if low else bias, xc, w_t).float()  # [n, V]
+            # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract, exp and
+            # sum as separate ops each streamed the whole chunk through memory; the softmax is also the gradient
+            probs = torch.softmax(logits, dim=-1)  # [n, V]
+            total += _smoothed_nll(logits[:valid], probs[:valid], tc[:valid], label_smoothing)
             if not need_grad:
                 continue
-            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows
-            grad = log_probs.exp_()  # in place: the softmax
-            if label_smoothing:
-                grad.sub_(label_smoothing / vocab)
-            grad.scatter_add_(1, tc[:, None], target_grad[:xc.size(0)])
+            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows; the constant
+            # - eps / V is added to the three gradients after the loop (``_add_uniform_share``)
+            grad = probs.scatter_add_(1, tc[:, None], target_grad[:xc.size(0)])
             if valid < xc.size(0):
                 grad[valid:] = 0.0
             if grad_b is not None:
@@ -84,6 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if end % group_rows == 0 or end == x.size(0):  # the group's weight gradient, one product
                 group_start = start - in_group
                 grad_w += torch.mm(group_grads[:end - group_start].t(), x[group_start:end].to(w.dtype)).float()
+        if need_grad and label_smoothing:
+            _add_uniform_share(-label_smoothing / vocab, x[:count].to(w.dtype), w, grad_x[:count], grad_w, grad_b)
         if need_grad:
             grad_x = grad_x.new_zeros((rows_in, grad_x.size(1))).index_copy_(0, real, grad_x[:count])  # padding: 0
             ctx.save_for_backward(grad_x, grad_w, grad_b)
@@ -96,6 +92,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return ((grad_x * grad_total).to(x_dtype), (grad_w * grad_total).to(w_dtype),
                 None if grad_b is None else (grad_b * grad_total).to(b_dtype), None, None, None, None)
+
+
+def _smoothed_nll(logits: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """Summed -(1 - eps) log p(target) - eps mean_v log p(v) of rows' logits [n, V] and their softmax.
+
+    log p(v) = logit(v) - lse, and lse = logit(target) - log p(target) comes from the softmax, which saves
+    a log-softmax pass; where p(target) is too small for that (below 1e-30), the row's log-softmax is taken.
+    """
+    target_logit = logits.gather(1, target[:, None])[:, 0]  # [n]
+    target_prob = probs.gather(1, target[:, None])[:, 0]  # [n]
+    tiny = target_prob < 1e-30
+    lse = target_logit - torch.log(target_prob)  # [n]
+    if tiny.any():
+        lse[tiny] = torch.logsumexp(logits[tiny], dim=-1)
+    loss = (1 - eps) * (lse - target_logit)
+    if eps:
+        loss += eps * (lse - logits.mean(-1))
+    return loss.sum()
+
+
+def _add_uniform_share(share: float, x: torch.Tensor, w: torch.Tensor, grad_x: torch.Tensor, grad_w: torch.Tensor,
+                       grad_b) -> None:
+    """Add ``share`` to every logit's gradient, for rows x [M, D] of weight w [V, D]: as products with a
+    constant matrix these are a vector per row (grad_x), per vocabulary entry (grad_w) and one number (grad_b),
+    where adding it chunk by chunk was a pass over every [n, V] gradient."""
+    grad_x += share * w.float().sum(0)  # [D] to every row
+    grad_w += share * x.float().sum(0)  # [D] to every vocabulary entry
+    if grad_b is not None:
+        grad_b += share * x.size(0)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
