@@ -11,7 +11,8 @@ Lengths count generated tokens including EOS. A hypothesis that reaches its maxi
 (:func:`max_lengths`) without EOS is finished as it is: no EOS is forced and its score holds no EOS
 probability, the same in greedy and beam search.
 
-Beam search (:func:`beam_search`) runs all sentences and beams as one [B*K] batch. At each step it
+Beam search (:func:`beam_search`) runs all sentences and beams as one [B*K] batch (the encoder output
+keeps one row per sentence: the model's ``step`` takes K consecutive rows to share it). At each step it
 ranks the 2K best extensions of each sentence; those among the top K that end in EOS are finished,
 the K best that do not end in EOS stay live (so K = 1 is exactly greedy search). When a sentence
 stops is ``SearchConfig.stopping``:
@@ -231,7 +232,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     penalty = penalty_of(cfg)
     enc = model.encode(src, src_len)
     beams = torch.arange(batch, device=device).repeat_interleave(k)  # [B*K] sentence of each row
-    enc, state = enc.select(beams), model.init_state(enc).select(beams)
+    state = model.init_state(enc).select(beams)  # enc stays one row per sentence (see Decoder.step)
     limits, lengths = max_lengths(src_len, cfg).tolist(), src_len.tolist()
     active = list(range(batch))  # original sentence of each of the b live sentences
     scores = torch.full((batch, k), NEG_INF, device=device)  # [b, K] raw beam scores
@@ -291,8 +292,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
             break
         kept = torch.tensor([row for row in range(b) if not done[row]], dtype=torch.long, device=device)
         if kept.numel() < b:  # finished sentences leave the batch
-            rows_beams = (kept[:, None] * k + torch.arange(k, device=device)).view(-1)  # [b'*K]
-            enc, rows_flat = enc.select(rows_beams), rows_flat.view(b, k)[kept].view(-1)
+            enc, rows_flat = enc.select(kept), rows_flat.view(b, k)[kept].view(-1)
             scores, tokens, history = scores[kept], tokens[kept], history[kept]
             attn_history = attn_history[kept] if attn_history is not None else None
             active = [active[row] for row in kept.tolist()]

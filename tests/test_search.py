@@ -64,12 +64,17 @@ def test_beam_size_one_is_greedy(cell, attention, vocab):
     assert ended_with_eos == {True, False}  # both ways of ending were compared
 
 
-@pytest.mark.parametrize("beam,alpha,stopping,vocab", [(1, 0.0, "bound", VOCAB), (3, 0.0, "bound", VOCAB),
-                                                       (5, 0.0, "bound", VOCAB), (3, 1.0, "bound", VOCAB),
-                                                       (5, 0.6, "bound", VOCAB), (5, 1.0, "early", VOCAB),
-                                                       (5, 1.0, "early", 256), (3, 0.6, "bound", 256)])
-def test_results_do_not_depend_on_the_batch(beam, alpha, stopping, vocab):
-    model = make_model("gru", "bahdanau", vocab=vocab, eos_bias=1.0)
+@pytest.mark.parametrize("beam,alpha,stopping,vocab,cell,attention", [
+    (1, 0.0, "bound", VOCAB, "gru", "bahdanau"), (3, 0.0, "bound", VOCAB, "gru", "bahdanau"),
+    (5, 0.0, "bound", VOCAB, "gru", "bahdanau"), (3, 1.0, "bound", VOCAB, "gru", "bahdanau"),
+    (5, 0.6, "bound", VOCAB, "gru", "bahdanau"), (5, 1.0, "early", VOCAB, "gru", "bahdanau"),
+    (5, 1.0, "early", 256, "gru", "bahdanau"), (3, 0.6, "bound", 256, "gru", "bahdanau"),
+    (5, 1.0, "early", VOCAB, "lstm", "luong_general"), (3, 0.6, "bound", 256, "lstm", "luong_general"),
+    (5, 1.0, "early", VOCAB, "gru", "none"), (3, 0.6, "bound", 256, "gru", "none")])
+def test_results_do_not_depend_on_the_batch(beam, alpha, stopping, vocab, cell, attention):
+    """Beam search shares each sentence's encoder output among its hypotheses (Decoder.step): a sentence
+    decoded among others gets what it gets alone."""
+    model = make_model(cell, attention, vocab=vocab, eos_bias=1.0)
     batch = random_sources(64, vocab=vocab, max_len=15)
     cfg = SearchConfig(beam_size=beam, alpha=alpha, max_len_a=1.0, max_len_b=3, stopping=stopping)
     together = beam_search(model, batch.src, batch.src_len, cfg, n_best=beam)

@@ -47,8 +47,10 @@ class ScriptedModel:
         self.rows_per_step.append(prev.numel())
         prefixes = [p if tok == BOS_ID else p + (tok,) for p, tok in zip(state.prefixes, prev.tolist())]
         probs = torch.zeros(len(prefixes), self.vocab)
-        for row, (prefix, first) in enumerate(zip(prefixes, enc.src_first)):
-            for token, p in self.tables[first].get(prefix, {EOS_ID: 1.0}).items():
+        group = len(prefixes) // len(enc.src_first)  # rows per encoder row: K in beam search (the step contract)
+        assert group * len(enc.src_first) == len(prefixes)
+        for row, prefix in enumerate(prefixes):
+            for token, p in self.tables[enc.src_first[row // group]].get(prefix, {EOS_ID: 1.0}).items():
                 probs[row, token] = p
         return probs.log(), FakeState(prefixes), None
 

@@ -187,8 +187,8 @@ class Decoder(nn.Module):
         else:
             if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
                 context, attn = self._attend(state.hidden[-1], enc)
-            else:
-                context = enc.context
+            else:  # [B, He] -> [R, He] (see ``_attend``)
+                context = enc.context.repeat_interleave(embedded.size(0) // enc.context.size(0), dim=0)
             extra = [context] + ([state.feed] if self.input_feeding else [])
         if self.manual_cell:
             linear = self.linear if self.bf16_products else F.linear
@@ -210,13 +210,15 @@ class Decoder(nn.Module):
         return output, context, DecoderState(hidden, cell, state.feed), attn
 
     def _attend(self, query: torch.Tensor, enc: EncoderOutput):
-        """query [B, Q] -> (context [B, He], attention weights [B, S])."""
+        """query [R, Q] -> (context [R, He], attention weights [R, S]). R is a multiple of the encoder's batch
+        B: consecutive groups of R / B rows attend to one source sentence (beam search's hypotheses of a
+        sentence), so that the encoder output is neither copied per hypothesis nor read once per hypothesis."""
+        query = query.view(enc.memory.size(0), -1, query.size(-1))  # [B, R / B, Q]
         if self.bf16_products:
-            context, attn = self.attention(query[:, None, :], enc.keys, enc.memory, enc.mask, linear=self.linear)
+            context, attn = self.attention(query, enc.keys, enc.memory, enc.mask, linear=self.linear)
         else:
-            context, attn = self._maybe_compiled("attention", self.attention)(
-                query[:, None, :], enc.keys, enc.memory, enc.mask)
-        return context[:, 0], attn[:, 0]
+            context, attn = self._maybe_compiled("attention", self.attention)(query, enc.keys, enc.memory, enc.mask)
+        return context.reshape(-1, context.size(-1)), attn.reshape(-1, attn.size(-1))
 
     def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
@@ -226,7 +228,8 @@ class Decoder(nn.Module):
         return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
 
     def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
-        """prev_tokens [B] -> (logits [B, V], new state, attention [B, S] or None). Pure: writes nothing."""
+        """prev_tokens [R] -> (logits [R, V], new state, attention [R, S] or None). Pure: writes nothing.
+        state has R rows; enc has R or R / K (K hypotheses per sentence in consecutive rows, see ``_attend``)."""
         pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc)
         return self.project(pre_output), state, attn
 
