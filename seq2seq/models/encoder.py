@@ -54,11 +54,12 @@ class Encoder(nn.Module):
         self.num_layers = cfg.enc_layers
         self.hidden_size = cfg.enc_hidden_size
 
-    @property
-    def _fused_directions(self) -> bool:
-        """Whether ``_by_direction`` can run this RNN: a float GRU or tanh RNN (an LSTM's final cell state is
-        not among its outputs; a quantised module has no plain weights)."""
-        return type(self.rnn) is nn.GRU or (type(self.rnn) is nn.RNN and self.rnn.nonlinearity == "tanh")
+    def _runs_by_direction(self, device: torch.device) -> bool:
+        """Whether ``_by_direction`` runs this RNN: a float GRU or tanh RNN (an LSTM's final cell state is not
+        among its outputs; a quantised module has no plain weights), on the CPU, where it was measured (on
+        GPUs packed sequences are one cuDNN call)."""
+        plain = type(self.rnn) is nn.GRU or (type(self.rnn) is nn.RNN and self.rnn.nonlinearity == "tanh")
+        return plain and device.type == "cpu"
 
     def _by_direction(self, embedded: torch.Tensor, src_len: torch.Tensor, mask: torch.Tensor):
         """The GRU / RNN over padded sentences as packed sequences would give it, layer by layer and one call
@@ -105,7 +106,7 @@ class Encoder(nn.Module):
         if packed:
             mask = torch.arange(src.size(1), device=src.device)[None, :] < src_len[:, None]
         embedded = self.emb_dropout(self.embedding(src))  # [B, S, E]
-        if packed and not self._fused_directions:
+        if packed and not self._runs_by_direction(src.device):
             packed_input = pack_padded_sequence(embedded, src_len.cpu(), batch_first=True, enforce_sorted=False)
             packed_output, state = self.rnn(packed_input)
             memory, _ = pad_packed_sequence(packed_output, batch_first=True, total_length=src.size(1))
