@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.batch import make_batch
 from seq2seq.config import ConfigError, SearchConfig
@@ -108,8 +109,7 @@ def test_packed_batch_equals_unpadded_single_sentences(cell):
 
 @pytest.mark.parametrize("cell,bidirectional", [("gru", True), ("rnn", True), ("gru", False)])
 def test_encoder_by_direction_equals_packed_sequences_with_gradients(cell, bidirectional):
-    """The GRU / RNN encoder's fused per-direction path gives the packed path's states and gradients."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    """The GRU / RNN encoder's per-direction path gives the packed path's states and gradients."""
     torch.manual_seed(5)
     model = Seq2Seq(tiny_model_config(cell=cell, enc_layers=2, bidirectional=bidirectional), 20, 20).train()
     encoder = model.encoder

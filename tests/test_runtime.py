@@ -36,5 +36,6 @@ def test_freed_tensors_are_reused_without_page_faults():
     _, faults_default = page_faults("default")
     if not kept:
         pytest.skip("not glibc")
-    assert faults_default > 10 * 2000
+    if faults_default < 10 * 2000:
+        pytest.skip(f"this glibc reuses the blocks by default ({faults_default} page faults)")
     assert faults_kept < 500
