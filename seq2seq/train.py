@@ -29,6 +29,7 @@ from seq2seq.data import DataError, filter_by_length, load_split
 from seq2seq.distributed import DistContext, any_rank, barrier, broadcast, init_distributed, shard, shutdown
 from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
+from seq2seq.models.decoder import Decoder
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, save_checkpoint
 from seq2seq.runtime import autocast_dtype, resolve_device, set_seed, set_threads
@@ -93,7 +94,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config):
 @torch.no_grad()
 def validation_loss(model, src_ids, tgt_ids, batch_tokens: int, device) -> tuple[float, int]:
     model.eval()
-    model.decoder.drop_cached_weights()  # the weights changed since the last validation
     total, tokens = 0.0, 0
     for group in token_batches([len(s) for s in src_ids], [len(t) for t in tgt_ids], batch_tokens, 0, 0):
         batch = make_batch([src_ids[i] for i in group], [tgt_ids[i] for i in group]).to(device)
@@ -156,13 +156,16 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
         scaler.step(optimizer)
         scaler.update()
-        return loss.item()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
-    if not torch.isfinite(norm):
-        log.warning("skipping a batch whose gradient norm is %s", norm.item())
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
+        if not torch.isfinite(norm):
+            log.warning("skipping a batch whose gradient norm is %s", norm.item())
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.step()
+    for module in model.modules():  # a fused optimizer step leaves the weights' versions as they were, so the
+        if isinstance(module, Decoder):  # decoder's cast copies for decoding cannot tell that they are stale
+            module.drop_cached_weights()
     return loss.item()
 
 

@@ -151,8 +151,8 @@ class Decoder(nn.Module):
 
     def drop_cached_weights(self) -> None:
         """Forget the weights prepared for decoding. Their key holds the weights' versions, but a fused
-        optimizer step updates a weight in place without changing its version: training calls this
-        before it validates."""
+        optimizer step updates a weight in place without changing its version: ``train_step`` calls this
+        after every update."""
         self._decoding_cache.clear()
 
     def _kept(self, name: str, key: tuple, make):
@@ -187,8 +187,10 @@ class Decoder(nn.Module):
         else:
             if self.attention is not None:  # Bahdanau: attend with the previous top-layer state
                 context, attn = self._attend(state.hidden[-1], enc)
-            else:  # [B, He] -> [R, He] (see ``_attend``)
-                context = enc.context.repeat_interleave(embedded.size(0) // enc.context.size(0), dim=0)
+            else:
+                context = enc.context  # [B, He], repeated to [R, He] for beam search (see ``_attend``)
+                if context.size(0) != embedded.size(0):
+                    context = context.repeat_interleave(embedded.size(0) // context.size(0), dim=0)
             extra = [context] + ([state.feed] if self.input_feeding else [])
         if self.manual_cell:
             linear = self.linear if self.bf16_products else F.linear

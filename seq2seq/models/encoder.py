@@ -23,6 +23,11 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, drop
     return nn.RNN(nonlinearity="tanh", **kwargs)
 
 
+def _reorder(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H] -> x[b, positions[b, s]] for every b, s."""
+    return x.gather(1, positions[:, :, None].expand(-1, -1, x.size(-1)))
+
+
 @dataclass
 class EncoderOutput:
     """What the decoder conditions on. ``select`` re-indexes the batch (all beam search needs)."""
@@ -73,7 +78,7 @@ class Encoder(nn.Module):
         positions = torch.arange(length, device=embedded.device)[None, :]  # [1, S]
         last = (src_len - 1).to(embedded.device)  # [B]
         reverse = torch.where(mask, last[:, None] - positions, positions)  # [B, S], its own inverse
-        finals, layer_input = [], embedded
+        rows, finals, layer_input = torch.arange(batch, device=embedded.device), [], embedded
         h0 = embedded.new_zeros(1, batch, rnn.hidden_size)
         for layer in range(rnn.num_layers):
             if layer > 0:
@@ -82,13 +87,10 @@ class Encoder(nn.Module):
             for direction, suffix in enumerate(["", "_reverse"][: self.directions]):
                 params = [getattr(rnn, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih",
                                                                                "bias_hh")]
-                index = reverse[:, :, None].expand(-1, -1, layer_input.size(-1)) if direction else None
-                x = layer_input.gather(1, index) if direction else layer_input
+                x = _reorder(layer_input, reverse) if direction else layer_input
                 out, _ = step_fn(x, h0, params, True, 1, 0.0, self.training, False, True)  # [B, S, H]
-                finals.append(out[torch.arange(batch, device=out.device), last])  # [B, H] after the last word
-                if direction:
-                    out = out.gather(1, reverse[:, :, None].expand(-1, -1, out.size(-1)))
-                outputs.append(out)
+                finals.append(out[rows, last])  # [B, H] after the last word
+                outputs.append(_reorder(out, reverse) if direction else out)
             layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
         memory = layer_input * mask[:, :, None]  # [B, S, He]
         return memory, torch.stack(finals)  # finals in nn.GRU's order: layer-major, forward then backward
