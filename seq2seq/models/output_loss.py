@@ -46,17 +46,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         group_grads = x.new_empty((min(group_rows, x.size(0)), vocab), dtype=w.dtype) if need_grad and low else None
         total = x.new_zeros((), dtype=torch.float32)
         target_grad = torch.full((CHUNK_ROWS, 1), -(1 - label_smoothing), device=x.device)  # the one-hot's share
+        # every chunk's logits and softmax go into the same buffers: fresh 8 MB tensors per chunk made the loss
+        # of a Multi30k-sized batch (3,900 rows) 10 % slower here
+        rows_max = min(CHUNK_ROWS, x.size(0))
+        product_buffer = x.new_empty((rows_max, vocab), dtype=w.dtype)  # the product's output, in low precision
+        logits_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32) if low else product_buffer
+        probs_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32)
         for start in range(0, x.size(0), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             xc, tc = x[rows].to(w.dtype), target[rows]
             valid = min(xc.size(0), count - start)  # the chunk's rows that are not the added ones
+            n = xc.size(0)
             if bias is None:
-                logits = torch.mm(xc, w_t).float()  # [n, V]
+                logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
             else:
-                logits = torch.addmm(bias_low if low else bias, xc, w_t).float()  # [n, V]
+                logits = torch.addmm(bias_low if low else bias, xc, w_t, out=product_buffer[:n])  # [n, V]
+            if low:
+                logits = logits_buffer[:n].copy_(logits)  # float32
             # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract, exp and
             # sum as separate ops each streamed the whole chunk through memory; the softmax is also the gradient
-            probs = torch.softmax(logits, dim=-1)  # [n, V]
+            probs = torch.softmax(logits, dim=-1, out=probs_buffer[:n])  # [n, V]
             total += _smoothed_nll(logits[:valid], probs[:valid], tc[:valid], label_smoothing)
             if not need_grad:
                 continue
