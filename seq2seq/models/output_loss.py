@@ -49,14 +49,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # every chunk's logits and softmax go into the same buffers: fresh 8 MB tensors per chunk made the loss
         # of a Multi30k-sized batch (3,900 rows) 10 % slower here
         rows_max = min(CHUNK_ROWS, x.size(0))
-        product_buffer = x.new_empty((rows_max, vocab), dtype=w.dtype)  # the product's output, in low precision
+        product_buffer = x.new_empty((rows_max, vocab), dtype=w.dtype)  # the product's output, in w's type
         logits_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32) if low else product_buffer
         probs_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32)
         for start in range(0, x.size(0), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             xc, tc = x[rows].to(w.dtype), target[rows]
-            valid = min(xc.size(0), count - start)  # the chunk's rows that are not the added ones
             n = xc.size(0)
+            valid = min(n, count - start)  # the chunk's rows that are not the added ones
             if bias is None:
                 logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
             else:
@@ -71,8 +71,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows; the constant
             # - eps / V is added to the three gradients after the loop (``_add_uniform_share``)
-            grad = probs.scatter_add_(1, tc[:, None], target_grad[:xc.size(0)])
-            if valid < xc.size(0):
+            grad = probs.scatter_add_(1, tc[:, None], target_grad[:n])
+            if valid < n:
                 grad[valid:] = 0.0
             if grad_b is not None:
                 grad_b += grad.sum(0)
@@ -80,8 +80,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_x[rows] = torch.mm(grad, w)
                 grad_w.addmm_(grad.t(), xc)
                 continue
-            in_group, end = start % group_rows, start + xc.size(0)
-            grad_low = group_grads[in_group:in_group + xc.size(0)]
+            in_group, end = start % group_rows, start + n
+            grad_low = group_grads[in_group:in_group + n]
             grad_low.copy_(grad)
             grad_x[rows] = torch.mm(grad_low, w)
             if end % group_rows == 0 or end == x.size(0):  # the group's weight gradient, one product
