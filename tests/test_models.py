@@ -323,6 +323,8 @@ def test_chunked_output_loss_in_bfloat16_is_close(label_smoothing, monkeypatch):
         grads.append([loss.detach()] + list(torch.autograd.grad(loss * 0.5, leaves)))
     exact = sequence_loss(F.linear(x, weight, bias)[None], target[None], label_smoothing)
     assert torch.allclose(grads[0][0], exact, rtol=1e-5)
+    # the loss itself is closer than the gradients (0.05 of 152 here; the softmax written over its logits: 0.6)
+    assert torch.allclose(grads[1][0], exact, rtol=1e-3)
     for exact_value, low_value in zip(*grads):
         assert torch.allclose(low_value, exact_value, rtol=2e-2, atol=2e-2) and not torch.equal(low_value, exact_value)
 
