@@ -122,11 +122,10 @@ def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sent
                   device: str, stopping: str, queue) -> None:
     from seq2seq.data import load_split
     from seq2seq.metrics import bleu
-    from seq2seq.runtime import DECODING_KERNEL_CACHE, keep_freed_memory, set_threads
+    from seq2seq.runtime import set_decoding_runtime
     from seq2seq.translate import Translator
 
-    set_threads(threads, DECODING_KERNEL_CACHE)
-    keep_freed_memory()
+    set_decoding_runtime(threads)
     translator = Translator.from_dir(model_dir, device=device, beam_size=beam, batch_size=batch_size,
                                      alpha=1.0 if beam > 1 else 0.0, stopping=stopping, bf16=variant == "bf16",
                                      quantize=variant == "int8")

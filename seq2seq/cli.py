@@ -16,7 +16,7 @@ from seq2seq.alignment import AlignmentError, AttentionWriter
 from seq2seq.checkpoint import ModelDirError
 from seq2seq.config import ConfigError
 from seq2seq.data import DataError
-from seq2seq.runtime import DECODING_KERNEL_CACHE, DeviceError, keep_freed_memory, set_threads
+from seq2seq.runtime import DeviceError, set_decoding_runtime
 from seq2seq.tokenizer import TokenizerError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -83,8 +83,7 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
 def load_translator(args: argparse.Namespace):
     from seq2seq.translate import Translator
 
-    set_threads(args.threads, DECODING_KERNEL_CACHE)
-    keep_freed_memory()
+    set_decoding_runtime(args.threads)
     for name in ("beam", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

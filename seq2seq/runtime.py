@@ -74,8 +74,8 @@ def keep_freed_memory() -> bool:
     A decoding step allocates tensors of a few MiB (logits, their log-softmax) and frees them. By default
     glibc often maps such blocks fresh from the system, and each new tensor pays a page fault per 4 KiB
     page (62,000 faults over ten bf16 output-layer steps of beam 5, none with the blocks kept; tests).
-    Decoding calls this: beam 5 on test2016 (bf16, batch 64) ran 413 and 399 sent/s against 326 and 312,
-    at the same peak memory (``scripts/benchmark.py``, runs alternated). Training does not: 10,487 and
+    Decoding calls this (``set_decoding_runtime``): beam 5 on test2016 (bf16, batch 64) ran 413 and 399
+    sent/s against 326 and 312, at the same peak memory (``scripts/benchmark.py``, runs alternated). Training does not: 10,487 and
     10,104 target tokens/s against 11,111 and 10,589 without. Memory freed at the top of the heap is
     returned beyond 512 MiB. Returns whether it applied (glibc only; the environment's
     MALLOC_MMAP_THRESHOLD_ wins where set).
@@ -88,6 +88,13 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def set_decoding_runtime(threads: int) -> None:
+    """What every decoding entry point (translate, tune, the benchmark's decoding) sets up: ``threads`` with
+    decoding's kernel cache (:func:`set_threads`) and glibc keeping freed memory (:func:`keep_freed_memory`)."""
+    set_threads(threads, DECODING_KERNEL_CACHE)
+    keep_freed_memory()
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -22,7 +22,7 @@ from seq2seq.cli import USER_ERRORS, fail
 from seq2seq.config import SearchConfig
 from seq2seq.data import load_split
 from seq2seq.metrics import bleu
-from seq2seq.runtime import set_threads
+from seq2seq.runtime import set_decoding_runtime
 from seq2seq.translate import SEARCH_FILE, Translator, read_search_defaults
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("beam sizes must be at least 1 and alphas at least 0")
     if args.max_sentences < 0 or (args.batch_size is not None and args.batch_size < 1):
         fail("--max-sentences must be >= 0 and --batch-size >= 1")
-    set_threads(args.threads)
+    set_decoding_runtime(args.threads)
     try:
         result = tune(args.model, beams, alphas, args.max_sentences, args.device, args.batch_size, args.split)
     except USER_ERRORS as err:
