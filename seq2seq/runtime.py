@@ -76,9 +76,9 @@ def keep_freed_memory() -> bool:
     page (62,000 faults over ten bf16 output-layer steps of beam 5, none with the blocks kept; tests).
     Decoding calls this (``set_decoding_runtime``): beam 5 on test2016 (bf16, batch 64) ran 413 and 399
     sent/s against 326 and 312, at the same peak memory (``scripts/benchmark.py``, runs alternated).
-    Training does not: 10,487 and 10,104 target tokens/s against 11,111 and 10,589 without. Memory freed at the top of the heap is
-    returned beyond 512 MiB. Returns whether it applied (glibc only; the environment's
-    MALLOC_MMAP_THRESHOLD_ wins where set).
+    Training does not: 10,487 and 10,104 target tokens/s against 11,111 and 10,589 without. Memory freed
+    at the top of the heap is returned beyond 512 MiB. Returns whether it applied (glibc only; the
+    environment's MALLOC_MMAP_THRESHOLD_ wins where set).
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
