@@ -38,4 +38,6 @@ def test_freed_tensors_are_reused_without_page_faults():
         pytest.skip("not glibc")
     if faults_default < 10 * 2000:
         pytest.skip(f"this glibc reuses the blocks by default ({faults_default} page faults)")
-    assert faults_kept < 500
+    # kept: at most a heap growth or two over the ten steps (one 10 MiB tensor is 2,560 pages; a CI run saw
+    # 2,500), where the default maps every step's tensors afresh (20,000 and more)
+    assert faults_kept <= 2 * 2560
