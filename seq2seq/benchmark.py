@@ -6,7 +6,8 @@ Each phase runs in a process of its own so its peak memory (ru_maxrss) is its ow
 measured like ../shared/peers does it: the median over steps after warm-up (the first max(20, 5%)
 steps) of target tokens (with EOS, without padding) per second of step time. The machine's matrix
 multiply rate (fp32, 2048^3) is measured in the same run, so the fraction of it that training achieves
-compares across machines. Writes JSON and prints a Markdown table.
+compares across machines. Writes JSON and prints a Markdown table; ``--peer SUMMARY`` adds a peer toolkit's
+figures from ../shared/peers (its ``runs/<toolkit>/summary.json``) and our ratio to each.
 """
 from __future__ import annotations
 
@@ -140,6 +141,46 @@ def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sent
                "bleu": bleu(hyps, [r for _, r in pairs]).score, "peak_rss_mib": _peak_memory_mib(device)})
 
 
+# ../shared/peers decodes test2016 with batches of 64 sentences, GNMT alpha 1.0 and its toolkit's early stopping
+PEER_BATCH_SIZE = 64
+
+
+def load_peer(path: str) -> dict:
+    """A peer toolkit's summary.json (../shared/peers/summarize.py); ValueError where it is not one."""
+    try:
+        peer = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--peer {path}: cannot read it as JSON ({error})") from None
+    missing = [key for key in ("train", "train_time", "decode") if not isinstance(peer, dict) or
+               not isinstance(peer.get(key), dict)]
+    if missing:
+        raise ValueError(f"--peer {path}: not a summary.json of ../shared/peers (no {', '.join(missing)})")
+    return peer
+
+
+def peer_comparison(result: dict, peer: dict) -> list[dict]:
+    """Our figures beside a peer's: training tokens/s and peak memory, and each of our decodings at the peers'
+    batch size beside theirs at the same beam. ``ratio`` is ours / theirs (above 1: faster, or more memory)."""
+    rows = []
+
+    def add(figure: str, ours, theirs) -> None:
+        if ours is not None and theirs:
+            rows.append({"figure": figure, "ours": ours, "theirs": theirs, "ratio": ours / theirs})
+
+    if "train_tokens_per_s" in result:
+        add("training, target tokens/s", result["train_tokens_per_s"], peer["train"].get("tgt_tok_per_s_median"))
+        add("peak memory, training (MiB)", result["train_peak_rss_mib"], peer["train_time"].get("peak_rss_mib"))
+    for d in result["decoding"]:
+        theirs = peer["decode"].get(f"beam{d['beam']}") or {}
+        if d["batch_size"] != PEER_BATCH_SIZE:
+            continue
+        label = f"{d['variant']} beam {d['beam']}" + (f", {d['stopping']} stopping" if d["stopping"] else "")
+        add(f"decoding {label}, sentences/s", d["sentences_per_s"], theirs.get("sent_per_s"))
+        add(f"decoding {label}, peak memory (MiB)", d["peak_rss_mib"], theirs.get("process_peak_rss_mib"))
+        add(f"decoding {label}, BLEU", d["bleu"], theirs.get("bleu"))
+    return rows
+
+
 def run_in_child(target, *args) -> dict:
     context = mp.get_context("spawn")
     queue = context.Queue()
@@ -171,7 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stopping", default="bound",
                         help="comma-separated beam-search stopping rules to decode with: bound, early")
     parser.add_argument("--out", default="benchmark.json")
+    parser.add_argument("--peer", help="a peer toolkit's summary.json (../shared/peers/runs/<toolkit>/summary.json) "
+                                       "to compare with: its figures and our ratio to each")
     args = parser.parse_args(argv)
+    try:
+        peer = load_peer(args.peer) if args.peer else None  # before the runs, so that a bad file fails at once
+    except ValueError as error:
+        parser.error(str(error))
     from seq2seq.runtime import autocast_dtype
 
     dtype = autocast_dtype(compose(args.overrides).trainer.precision) or torch.float32  # the run's matmul type
@@ -193,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                         decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
                                                      args.sentences, variant, args.device, stopping))
     result["decoding"] = decoding
+    if peer is not None:
+        result["peer"] = {"path": args.peer, "toolkit": peer.get("toolkit", "peer"),
+                          "comparison": peer_comparison(result, peer)}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"| figure | value |\n|---|---|\n| device | {result.get('gpu', 'cpu')}, {args.threads} threads |")
     print(f"| matmul {dtype} | {result['matmul_gflops']:.0f} GFLOP/s |")
@@ -206,4 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         label = f"{d['variant']} beam {d['beam']}" + (f" ({d['stopping']} stopping)" if d["stopping"] else "")
         print(f"| decoding {label}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
               f"{d['sentences_per_s']:.0f}, {d['bleu']:.2f}, {d['peak_rss_mib'] / 1024:.2f} GiB |")
+    if peer is not None:
+        print(f"\n| figure | seq2seq | {result['peer']['toolkit']} | ratio |\n|---|---|---|---|")
+        for row in result["peer"]["comparison"]:
+            digits = 2 if "BLEU" in row["figure"] else 0
+            ours, theirs = f"{row['ours']:,.{digits}f}", f"{row['theirs']:,.{digits}f}"
+            print(f"| {row['figure']} | {ours} | {theirs} | {row['ratio']:.2f}x |")
     print(f"(written to {args.out})")
