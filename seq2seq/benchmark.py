@@ -171,9 +171,9 @@ def peer_comparison(result: dict, peer: dict) -> list[dict]:
         add("training, target tokens/s", result["train_tokens_per_s"], peer["train"].get("tgt_tok_per_s_median"))
         add("peak memory, training (MiB)", result["train_peak_rss_mib"], peer["train_time"].get("peak_rss_mib"))
     for d in result["decoding"]:
-        theirs = peer["decode"].get(f"beam{d['beam']}") or {}
         if d["batch_size"] != PEER_BATCH_SIZE:
             continue
+        theirs = peer["decode"].get(f"beam{d['beam']}") or {}  # {} where the peer did not decode with this beam
         label = f"{d['variant']} beam {d['beam']}" + (f", {d['stopping']} stopping" if d["stopping"] else "")
         add(f"decoding {label}, sentences/s", d["sentences_per_s"], theirs.get("sent_per_s"))
         add(f"decoding {label}, peak memory (MiB)", d["peak_rss_mib"], theirs.get("process_peak_rss_mib"))
