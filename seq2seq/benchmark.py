@@ -158,6 +158,11 @@ def load_peer(path: str) -> dict:
     return peer
 
 
+def _decoding_label(d: dict) -> str:
+    """One decoding run's variant, beam and stopping rule, e.g. "bf16 beam 5 (early stopping)"."""
+    return f"{d['variant']} beam {d['beam']}" + (f" ({d['stopping']} stopping)" if d["stopping"] else "")
+
+
 def peer_comparison(result: dict, peer: dict) -> list[dict]:
     """Our figures beside a peer's: training tokens/s and peak memory, and each of our decodings at the peers'
     batch size beside theirs at the same beam. ``ratio`` is ours / theirs (above 1: faster, or more memory)."""
@@ -174,7 +179,7 @@ def peer_comparison(result: dict, peer: dict) -> list[dict]:
         if d["batch_size"] != PEER_BATCH_SIZE:
             continue
         theirs = peer["decode"].get(f"beam{d['beam']}") or {}  # {} where the peer did not decode with this beam
-        label = f"{d['variant']} beam {d['beam']}" + (f", {d['stopping']} stopping" if d["stopping"] else "")
+        label = _decoding_label(d)
         add(f"decoding {label}, sentences/s", d["sentences_per_s"], theirs.get("sent_per_s"))
         add(f"decoding {label}, peak memory (MiB)", d["peak_rss_mib"], theirs.get("process_peak_rss_mib"))
         add(f"decoding {label}, BLEU", d["bleu"], theirs.get("bleu"))
@@ -253,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| share of the matmul rate | {result['fraction_of_matmul_rate']:.0%} |")
         print(f"| peak memory, training | {result['train_peak_rss_mib'] / 1024:.2f} GiB |")
     for d in decoding:
-        label = f"{d['variant']} beam {d['beam']}" + (f" ({d['stopping']} stopping)" if d["stopping"] else "")
-        print(f"| decoding {label}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
+        print(f"| decoding {_decoding_label(d)}, batch {d['batch_size']}: sentences/s, BLEU, peak memory | "
               f"{d['sentences_per_s']:.0f}, {d['bleu']:.2f}, {d['peak_rss_mib'] / 1024:.2f} GiB |")
     if peer is not None:
         print(f"\n| figure | seq2seq | {result['peer']['toolkit']} | ratio |\n|---|---|---|---|")

@@ -70,9 +70,10 @@ class Translator:
             if self.device.type != "cpu":
                 raise ConfigError("int8 quantisation runs on the CPU only: add --device cpu")
             self.model = quantize_int8(self.model)
-        for module in self.model.modules() if bf16 else ():
-            if isinstance(module, Decoder):  # the step's products in bfloat16 from weights cast once: on the
-                module.bf16_products = True  # CPU this beat autocast of the whole step (a cast per product)
+        if bf16:  # the step's products in bfloat16 from weights cast once: on the CPU this beat autocast of
+            for module in self.model.modules():  # the whole step (a cast per product)
+                if isinstance(module, Decoder):
+                    module.bf16_products = True
         self.search_cfg = search_cfg or bundle.config.search
         self.search_cfg.validate()
         self.max_src_len = bundle.config.data.truncate_len

@@ -33,11 +33,11 @@ def test_peer_comparison_sets_our_figures_beside_the_peers():
     result = {"train_tokens_per_s": 9000.0, "train_peak_rss_mib": 1300.0, "decoding": decoding}
     rows = {row["figure"]: row for row in peer_comparison(result, PEER)}
     assert set(rows) == {"training, target tokens/s", "peak memory, training (MiB)",
-                         "decoding bf16 beam 5, early stopping, sentences/s",
-                         "decoding bf16 beam 5, early stopping, peak memory (MiB)",
-                         "decoding bf16 beam 5, early stopping, BLEU"}
+                         "decoding bf16 beam 5 (early stopping), sentences/s",
+                         "decoding bf16 beam 5 (early stopping), peak memory (MiB)",
+                         "decoding bf16 beam 5 (early stopping), BLEU"}
     assert rows["training, target tokens/s"]["ratio"] == pytest.approx(2.25)
-    assert rows["decoding bf16 beam 5, early stopping, sentences/s"]["ratio"] == pytest.approx(2.0)
+    assert rows["decoding bf16 beam 5 (early stopping), sentences/s"]["ratio"] == pytest.approx(2.0)
     assert rows["peak memory, training (MiB)"]["theirs"] == 1600.0
 
 
