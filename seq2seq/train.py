@@ -32,7 +32,7 @@ from seq2seq.metrics import bleu, chrf
 from seq2seq.models.decoder import Decoder
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, save_checkpoint
-from seq2seq.runtime import autocast_dtype, resolve_device, set_seed, set_threads
+from seq2seq.runtime import autocast_dtype, resolve_device, set_seed, set_threads, warn_if_slow_bf16
 from seq2seq.tokenizer import Tokenizer, train_tokenizers
 from seq2seq.translate import Translator
 
@@ -124,6 +124,8 @@ def use_precision(model: Seq2Seq, precision: str, device: torch.device) -> None:
     faster than float32 (AMX), but run its elementwise ops ~3x slower, and the encoder's fused RNN was slower
     in bfloat16. On CUDA bf16 and fp16 are autocast of the forward pass (``train_step``)."""
     model.decoder.bf16_products = bf16_on_cpu(precision, device)
+    if model.decoder.bf16_products:
+        warn_if_slow_bf16("trainer.precision=bf16")
 
 
 def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None,

@@ -24,7 +24,7 @@ from seq2seq.checkpoint import Bundle, ModelDirError, load_bundle
 from seq2seq.config import ConfigError, SearchConfig, merge_into
 from seq2seq.ensemble import load_ensemble
 from seq2seq.models.decoder import Decoder
-from seq2seq.runtime import quantize_int8, resolve_device
+from seq2seq.runtime import quantize_int8, resolve_device, warn_if_slow_bf16
 from seq2seq.search import Hypothesis, search
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ class Translator:
                 raise ConfigError("int8 quantisation runs on the CPU only: add --device cpu")
             self.model = quantize_int8(self.model)
         if bf16:  # the step's products in bfloat16 from weights cast once: on the CPU this beat autocast of
-            for module in self.model.modules():  # the whole step (a cast per product)
+            if self.device.type == "cpu":  # the whole step (a cast per product), where the CPU has bf16 units
+                warn_if_slow_bf16("--bf16")
+            for module in self.model.modules():
                 if isinstance(module, Decoder):
                     module.bf16_products = True
         self.search_cfg = search_cfg or bundle.config.search

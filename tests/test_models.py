@@ -1,4 +1,5 @@
 """Model behaviour: overfitting, forward == step loop, masks, packing, bridges."""
+import copy
 import itertools
 
 import pytest
@@ -8,9 +9,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.batch import make_batch
 from seq2seq.config import ConfigError, SearchConfig
+from seq2seq.models import decoder as decoder_module
 from seq2seq.models import output_loss
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
-from seq2seq.search import greedy_search
+from seq2seq.search import greedy_search, search
 from tests.conftest import tiny_model_config
 
 CELLS = ("rnn", "gru", "lstm")
@@ -237,7 +239,7 @@ def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
     model = Seq2Seq(cfg, 40, 40).eval()
     batch, _, _ = random_batch(40, [6, 3, 5], seed=4)
     full, half = decoding_steps_fp32_and_bf16(model, batch)
-    cached = [v for _, v in model.decoder._decoding_cache.values() if isinstance(v, torch.Tensor)]
+    cached = [v for name, (_, v) in model.decoder._decoding_cache.items() if name[0] == "bf16"]  # not fp32's packed one
     # per layer its input and recurrent weights, the pre-output and output layers, Bahdanau's query projection
     assert len(cached) == (7 if attention == "bahdanau" else 6) and all(w.dtype == torch.bfloat16 for w in cached)
     assert_bf16_steps_close(full, half)
@@ -282,8 +284,10 @@ def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, ti
 
     plain = sequence_loss(model(batch.src, batch.src_len, batch.tgt_in), batch.tgt_out, label_smoothing)
     chunked = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=label_smoothing)
-    for a, b in zip(loss_and_grads(plain), loss_and_grads(chunked)):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    (loss_plain, *grads_plain), (loss_chunked, *grads_chunked) = loss_and_grads(plain), loss_and_grads(chunked)
+    assert torch.allclose(loss_plain, loss_chunked, rtol=1e-5)
+    for a, b in zip(grads_plain, grads_chunked):  # a tied weight's two gradients add in another order: 6e-5 apart
+        assert torch.allclose(a, b, rtol=2e-4, atol=1e-6)  # on an AVX2 CPU (AMD EPYC)
     with torch.no_grad():  # validation: the same loss, no gradients computed
         again = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=label_smoothing)
     assert torch.allclose(again, plain.detach(), rtol=1e-5)
@@ -383,3 +387,40 @@ def test_compiled_step_equals_eager():
     model.decoder.compile_step = True
     for a, b in zip(eager + expected, compiled + loss_and_gradients(model, other)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not decoder_module.PACKED_LINEAR, reason="this torch has no oneDNN linear with a packed weight")
+def test_float32_decoding_packs_the_output_weight_once_and_follows_it():
+    torch.manual_seed(0)
+    decoder = Seq2Seq(tiny_model_config(), 30, 40).eval().decoder
+    pre_output = torch.randn(7, decoder.output.in_features)
+    with torch.no_grad():
+        logits = decoder.project(pre_output)
+        torch.testing.assert_close(logits, decoder.output(pre_output), rtol=1e-5, atol=1e-5)
+        packed = decoder._decoding_cache["packed output"][1]
+        torch.testing.assert_close(decoder.project(pre_output.view(7, 1, -1))[:, 0], logits)  # any leading shape
+        assert decoder._decoding_cache["packed output"][1] is packed  # packed once
+        decoder.output.weight.mul_(2)  # a changed weight is packed again
+        torch.testing.assert_close(decoder.project(pre_output) - decoder.output.bias,
+                                   2 * (logits - decoder.output.bias), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(decoder)  # as int8 quantisation copies a model: the packed weight stays behind
+    assert not copied._decoding_cache and "packed output" in decoder._decoding_cache
+    projected = decoder.project(pre_output.requires_grad_())  # training: the plain product, with gradients
+    projected.sum().backward()
+    assert decoder.output.weight.grad is not None and pre_output.grad is not None
+
+
+@pytest.mark.skipif(not decoder_module.PACKED_LINEAR, reason="this torch has no oneDNN linear with a packed weight")
+@pytest.mark.parametrize("beam", [1, 4])
+def test_float32_decoding_with_the_packed_output_layer_finds_the_same_translations(beam, monkeypatch):
+    torch.manual_seed(0)
+    model = Seq2Seq(tiny_model_config(), 30, 30).eval()
+    batch, _, _ = random_batch(30, [3, 7, 5, 9, 4, 6], seed=2)
+    cfg = SearchConfig(beam_size=beam, max_len_a=1.5, max_len_b=3)
+    packed = search(model, batch.src, batch.src_len, cfg, n_best=beam)
+    assert "packed output" in model.decoder._decoding_cache
+    monkeypatch.setattr(decoder_module, "PACKED_LINEAR", False)
+    plain = search(model, batch.src, batch.src_len, cfg, n_best=beam)
+    assert [[h.tokens for h in hyps] for hyps in packed] == [[h.tokens for h in hyps] for hyps in plain]
+    for hyps_packed, hyps_plain in zip(packed, plain):
+        assert [h.score for h in hyps_packed] == pytest.approx([h.score for h in hyps_plain], abs=1e-4)

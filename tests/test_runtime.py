@@ -1,4 +1,5 @@
 """The CPU runtime set-up (seq2seq.runtime)."""
+import logging
 import subprocess
 import sys
 
@@ -41,3 +42,29 @@ def test_freed_tensors_are_reused_without_page_faults():
     # kept: at most a heap growth or two over the ten steps (one 10 MiB tensor is 2,560 pages; a CI run saw
     # 2,500), where the default maps every step's tensors afresh (20,000 and more)
     assert faults_kept <= 2 * 2560
+
+
+@pytest.mark.parametrize("has_bf16_units", [True, False])
+def test_bf16_warns_once_set_where_the_cpu_has_no_bf16_units(monkeypatch, caplog, has_bf16_units):
+    """trainer.precision=bf16 and translate --bf16 stay on (results are right) but say when they are slow here."""
+    import torch
+
+    from seq2seq import runtime
+    from seq2seq.checkpoint import Bundle
+    from seq2seq.models.seq2seq import Seq2Seq
+    from seq2seq.train import use_precision
+    from seq2seq.translate import Translator
+    from tests.conftest import tiny_config
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16_products", lambda: has_bf16_units)
+    model = Seq2Seq(tiny_config().model, 20, 20)
+    with caplog.at_level(logging.WARNING, logger="seq2seq.runtime"):
+        use_precision(model, "fp32", torch.device("cpu"))
+        Translator(Bundle(model, tiny_config(), None, None), device="cpu")
+        assert not caplog.text  # fp32 never warns
+        use_precision(model, "bf16", torch.device("cpu"))
+        Translator(Bundle(model, tiny_config(), None, None), device="cpu", bf16=True)
+    warned = [record.getMessage() for record in caplog.records]
+    assert model.decoder.bf16_products
+    expected = [] if has_bf16_units else ["trainer.precision=bf16", "--bf16"]
+    assert [message.split(": ")[0] for message in warned] == expected
