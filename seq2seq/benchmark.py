@@ -44,7 +44,7 @@ def matmul_rate(threads: int, size: int = 2048, repeats: int = 5, device: str = 
     if device != "cpu":
         size = max(size, 8192)  # enough work to fill a GPU
     elif dtype == torch.bfloat16 and not cpu_has_bf16_products():
-        size = min(size, 512)  # its fallback runs at 1-3 GFLOP/s (AMD EPYC): 2048^3 would take a minute or more
+        size = min(size, 512)  # its fallback runs at 1-2 GFLOP/s (AMD EPYC): 2048^3 would take a minute or more
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b

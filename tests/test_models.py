@@ -408,6 +408,9 @@ def test_float32_decoding_packs_the_output_weight_once_and_follows_it():
     projected = decoder.project(pre_output.requires_grad_())  # training: the plain product, with gradients
     projected.sum().backward()
     assert decoder.output.weight.grad is not None and pre_output.grad is not None
+    decoder._decoding_cache.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's own product, not the packed one
+        assert decoder.project(pre_output).dtype == torch.bfloat16 and not decoder._decoding_cache
 
 
 @pytest.mark.skipif(not decoder_module.PACKED_LINEAR, reason="this torch has no oneDNN linear with a packed weight")

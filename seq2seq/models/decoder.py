@@ -137,7 +137,8 @@ class Decoder(nn.Module):
     def _packs_output(self, pre_output: torch.Tensor) -> bool:
         """float32 decoding on the CPU, where oneDNN can keep the output layer's weight in its own layout."""
         return (PACKED_LINEAR and not torch.is_grad_enabled() and pre_output.device.type == "cpu"
-                and pre_output.dtype == torch.float32 and type(self.output) is nn.Linear)
+                and pre_output.dtype == torch.float32 and type(self.output) is nn.Linear  # not int8-quantised
+                and not torch.is_autocast_enabled("cpu"))  # autocast would cast the op's weight to bfloat16
 
     def _packed_output(self, pre_output: torch.Tensor) -> torch.Tensor:
         """The output layer from a weight reordered once for oneDNN. A plain product re-packs the [V, D] weight
