@@ -8,7 +8,8 @@ from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.train import train
 from seq2seq.translate import Translator
 from tests.conftest import tiny_config, tiny_model_config
-from tests.test_models import assert_bf16_steps_close, decoding_steps_fp32_and_bf16, loss_and_gradients, random_batch
+from tests.test_models import loss_and_gradients, random_batch
+from tests.test_precision import assert_bf16_steps_close, decoding_steps_fp32_and_bf16
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
+from seq2seq.models.cell import rnn_cell_step
 from seq2seq.models.dropout import Dropout
-from seq2seq.models.dropout import dropout as fast_dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
 
@@ -385,45 +385,6 @@ class Decoder(nn.Module):
         context = enc.context[:, None, :].expand(-1, embedded.size(1), -1)  # [B, T, He]
         output, _ = self.rnn(torch.cat([embedded, context], dim=-1), hx)
         return self.pre_output_of(output, embedded, context), None
-
-
-def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_gates: torch.Tensor, extra: list,
-                  hidden: torch.Tensor, cell_state: Optional[torch.Tensor], linear=F.linear):
-    """One step of a stacked GRU / LSTM / RNN: the function nn.GRU etc. compute, written out.
-
-    Layer 0's input is [embedding; *extra]; its product with the embedding (plus bias) comes in as
-    ``emb_gates`` [B, G*D], and the ``extra`` vectors (context, fed vector) meet the rest of the input
-    weight here. weights: per layer (w_ih, w_hh, b_ih, b_hh), layer 0's w_ih only the columns of the
-    extra vectors (see ``Decoder.cell_weights``); hidden, cell_state [L, B, D]; ``linear`` computes the
-    other products (F.linear, or ``Decoder.linear`` in bfloat16 decoding).
-    Returns (top-layer output [B, D], hidden [L, B, D], cell state [L, B, D] or None).
-    """
-    gates_in = emb_gates
-    if extra and linear is F.linear:
-        gates_in = torch.addmm(emb_gates, torch.cat(extra, dim=-1), weights[0][0].t())
-    elif extra:
-        gates_in = emb_gates + linear(torch.cat(extra, dim=-1), weights[0][0])
-    hiddens, cells = [], []
-    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-        if layer > 0:
-            gates_in = linear(fast_dropout(hiddens[-1], dropout, training), w_ih, b_ih)
-        h = hidden[layer]
-        gates_h = linear(h, w_hh, b_hh)
-        if cell == "gru":
-            in_r, in_z, in_n = gates_in.chunk(3, -1)
-            h_r, h_z, h_n = gates_h.chunk(3, -1)
-            reset, update = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
-            candidate = torch.tanh(in_n + reset * h_n)
-            h = candidate + update * (h - candidate)
-        elif cell == "lstm":
-            i, f, g, o = (gates_in + gates_h).chunk(4, -1)
-            c = torch.sigmoid(f) * cell_state[layer] + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            cells.append(c)
-        else:
-            h = torch.tanh(gates_in + gates_h)
-        hiddens.append(h)
-    return hiddens[-1], torch.stack(hiddens), torch.stack(cells) if cells else None
 
 
 def _versions(tensors) -> tuple:

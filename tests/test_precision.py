@@ -1,0 +1,129 @@
+"""Fast products: bfloat16 (autocast, trainer.precision=bf16, translate --bf16) close to float32, and float32
+decoding's packed output layer equal to the plain product."""
+import copy
+
+import pytest
+import torch
+
+from seq2seq.config import SearchConfig
+from seq2seq.models import decoder as decoder_module
+from seq2seq.models.seq2seq import Seq2Seq
+from seq2seq.search import search
+from tests.conftest import tiny_model_config
+from tests.test_models import random_batch
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(8)
+    model = Seq2Seq(tiny_model_config(), 50, 50).eval()
+    batch, _, _ = random_batch(50, [5, 3], seed=8)
+    with torch.no_grad():
+        full = model(batch.src, batch.src_len, batch.tgt_in)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(batch.src, batch.src_len, batch.tgt_in).float()
+    assert not torch.equal(full, half)
+    assert torch.allclose(torch.log_softmax(full, -1), torch.log_softmax(half, -1), atol=0.05)
+
+
+def decoding_steps_fp32_and_bf16(model, batch):
+    """Teacher-forced step loops, plain and as translate --bf16 runs them: (log-probs, final hidden) of each."""
+    def step_loop():
+        with torch.no_grad():
+            enc = model.encode(batch.src, batch.src_len)
+            state, out = model.init_state(enc), []
+            for t in range(batch.tgt_in.size(1)):
+                logits, state, _ = model.step(batch.tgt_in[:, t], state, enc)
+                out.append(torch.log_softmax(logits, -1))
+        return torch.stack(out, 1), state.hidden
+
+    full = step_loop()
+    model.decoder.bf16_products = True
+    half = step_loop()
+    model.decoder.bf16_products = False
+    return full, half
+
+
+def assert_bf16_steps_close(full, half):
+    assert half[0].dtype == torch.float32 and not torch.equal(full[0], half[0])
+    assert torch.allclose(full[0], half[0], atol=0.05) and torch.allclose(full[1], half[1], atol=0.02)
+
+
+@pytest.mark.parametrize("cell,attention,feeding", [
+    ("gru", "bahdanau", True), ("lstm", "luong_general", True), ("rnn", "luong_dot", False), ("gru", "none", False)])
+def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
+    """translate --bf16: every product of the step from bfloat16 weights cast once; the step loop stays close."""
+    torch.manual_seed(3)
+    cfg = tiny_model_config(cell=cell, attention=attention, input_feeding=feeding, dec_layers=2, enc_layers=2)
+    model = Seq2Seq(cfg, 40, 40).eval()
+    batch, _, _ = random_batch(40, [6, 3, 5], seed=4)
+    full, half = decoding_steps_fp32_and_bf16(model, batch)
+    cached = [v for name, (_, v) in model.decoder._decoding_cache.items() if name[0] == "bf16"]  # not fp32's packed one
+    # per layer its input and recurrent weights, the pre-output and output layers, Bahdanau's query projection
+    assert len(cached) == (7 if attention == "bahdanau" else 6) and all(w.dtype == torch.bfloat16 for w in cached)
+    assert_bf16_steps_close(full, half)
+
+
+@pytest.mark.parametrize("cell,attention,feeding", [("gru", "bahdanau", True), ("lstm", "luong_general", True),
+                                                    ("gru", "none", False)])
+def test_bf16_product_training_is_close_to_fp32_and_follows_the_weights(cell, attention, feeding):
+    """trainer.precision=bf16 on the CPU: the decoder's products in bfloat16, and each forward pass sees the
+    weights as the last optimizer step left them (a fused Adam step does not change a tensor's version)."""
+    torch.manual_seed(12)
+    model = Seq2Seq(tiny_model_config(cell=cell, attention=attention, input_feeding=feeding), 40, 40).train()
+    model.decoder.dropout.p = model.decoder.emb_dropout.p = model.encoder.dropout.p = 0.0
+    batch, _, _ = random_batch(40, [6, 3, 5], seed=12)
+    params = list(model.parameters())
+
+    def loss_and_grads(bf16):
+        model.decoder.bf16_products = bf16
+        loss = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out)
+        return [loss.detach()] + list(torch.autograd.grad(loss, params))
+
+    for _ in range(2):
+        full, half = loss_and_grads(False), loss_and_grads(True)
+        assert not torch.equal(full[0], half[0])
+        for a, b in zip(full, half):
+            assert torch.allclose(a, b, rtol=0.05, atol=0.02 * a.abs().max().item())
+        for p, grad in zip(params, full[1:]):
+            p.grad = grad
+        torch.optim.Adam(params, lr=0.05, fused=True).step()
+
+
+@pytest.mark.skipif(not decoder_module.PACKED_LINEAR, reason="this torch has no oneDNN linear with a packed weight")
+def test_float32_decoding_packs_the_output_weight_once_and_follows_it():
+    torch.manual_seed(0)
+    decoder = Seq2Seq(tiny_model_config(), 30, 40).eval().decoder
+    pre_output = torch.randn(7, decoder.output.in_features)
+    with torch.no_grad():
+        logits = decoder.project(pre_output)
+        torch.testing.assert_close(logits, decoder.output(pre_output), rtol=1e-5, atol=1e-5)
+        packed = decoder._decoding_cache["packed output"][1]
+        torch.testing.assert_close(decoder.project(pre_output.view(7, 1, -1))[:, 0], logits)  # any leading shape
+        assert decoder._decoding_cache["packed output"][1] is packed  # packed once
+        decoder.output.weight.mul_(2)  # a changed weight is packed again
+        torch.testing.assert_close(decoder.project(pre_output) - decoder.output.bias,
+                                   2 * (logits - decoder.output.bias), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(decoder)  # as int8 quantisation copies a model: the packed weight stays behind
+    assert not copied._decoding_cache and "packed output" in decoder._decoding_cache
+    projected = decoder.project(pre_output.requires_grad_())  # training: the plain product, with gradients
+    projected.sum().backward()
+    assert decoder.output.weight.grad is not None and pre_output.grad is not None
+    decoder._decoding_cache.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's own product, not the packed one
+        assert decoder.project(pre_output).dtype == torch.bfloat16 and not decoder._decoding_cache
+
+
+@pytest.mark.skipif(not decoder_module.PACKED_LINEAR, reason="this torch has no oneDNN linear with a packed weight")
+@pytest.mark.parametrize("beam", [1, 4])
+def test_float32_decoding_with_the_packed_output_layer_finds_the_same_translations(beam, monkeypatch):
+    torch.manual_seed(0)
+    model = Seq2Seq(tiny_model_config(), 30, 30).eval()
+    batch, _, _ = random_batch(30, [3, 7, 5, 9, 4, 6], seed=2)
+    cfg = SearchConfig(beam_size=beam, max_len_a=1.5, max_len_b=3)
+    packed = search(model, batch.src, batch.src_len, cfg, n_best=beam)
+    assert "packed output" in model.decoder._decoding_cache
+    monkeypatch.setattr(decoder_module, "PACKED_LINEAR", False)
+    plain = search(model, batch.src, batch.src_len, cfg, n_best=beam)
+    assert [[h.tokens for h in hyps] for hyps in packed] == [[h.tokens for h in hyps] for hyps in plain]
+    for hyps_packed, hyps_plain in zip(packed, plain):
+        assert [h.score for h in hyps_packed] == pytest.approx([h.score for h in hyps_plain], abs=1e-4)
