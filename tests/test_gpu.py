@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from seq2seq.models import output_loss
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.train import train
 from seq2seq.translate import Translator
@@ -52,6 +53,28 @@ def test_chunked_output_loss_on_cuda_equals_logits_and_cross_entropy():
     plain = sequence_loss(model(batch.src, batch.src_len, batch.tgt_in), batch.tgt_out, 0.1)
     chunked = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=0.1)
     assert torch.allclose(plain, chunked, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 8])  # None: the GPU's default (one chunk here)
+@pytest.mark.parametrize("low_precision", [None, torch.bfloat16])
+def test_chunked_output_loss_and_gradients_on_cuda(chunk_rows, low_precision, monkeypatch):
+    """37 rows: in 8-row chunks the last is short (no padding rows on the GPU), weight gradients in groups of 2."""
+    if chunk_rows:
+        monkeypatch.setattr(output_loss, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(output_loss, "GPU_CHUNK_LOGITS", chunk_rows * 30)
+        monkeypatch.setattr(output_loss, "LOW_PRECISION_GROUP_ROWS", 2 * chunk_rows)
+    torch.manual_seed(6)
+    x, weight, bias = torch.randn(37, 16), torch.randn(30, 16) * 0.3, torch.randn(30)
+    target = torch.randint(0, 30, (37,))
+    target[[3, 17]] = 0  # padding
+    results = []
+    for device, precision in (("cpu", None), ("cuda", low_precision)):
+        leaves = [t.to(device).requires_grad_() for t in (x, weight, bias)]
+        loss = output_loss.linear_cross_entropy(*leaves, target.to(device), 0.1, low_precision=precision)
+        results.append([loss.detach().cpu()] + [g.cpu() for g in torch.autograd.grad(loss * 0.5, leaves)])
+    tolerance = 1e-4 if low_precision is None else 2e-2
+    for exact, value in zip(*results):
+        assert torch.allclose(value, exact, rtol=tolerance, atol=tolerance)
 
 
 def test_bf16_decoding_steps_on_cuda_are_close_to_fp32():

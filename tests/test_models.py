@@ -215,6 +215,13 @@ def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, ti
     assert torch.allclose(again, plain.detach(), rtol=1e-5)
 
 
+def test_chunks_are_cache_sized_on_the_cpu_and_large_on_a_gpu():
+    assert output_loss.chunk_rows_for(torch.device("cpu"), 8000) == output_loss.CHUNK_ROWS
+    on_gpu = output_loss.chunk_rows_for(torch.device("cuda"), 8000)
+    assert on_gpu == output_loss.GPU_CHUNK_LOGITS // 8000 > output_loss.CHUNK_ROWS
+    assert output_loss.chunk_rows_for(torch.device("cuda"), 10**6) == output_loss.CHUNK_ROWS  # never fewer
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_chunked_output_loss_of_a_target_far_below_the_rest(label_smoothing):
     """The loss takes log p(target) from the softmax; a target with log p < -110 (p is 0 in float32) still
