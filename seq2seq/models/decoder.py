@@ -11,7 +11,6 @@ Conditioning modes (``ModelConfig.attention``):
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -25,6 +24,7 @@ from seq2seq.models.cell import rnn_cell_step
 from seq2seq.models.dropout import Dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
+from seq2seq.models.packed import PACKED_LINEAR, pack_weight, packed_linear
 
 
 @dataclass
@@ -44,13 +44,7 @@ class DecoderState:
 # Multi30k spent 1.4 s building kernels unpadded, 0.26 s padded to 32 (with set_threads' cache of 128)
 ROW_MULTIPLE = 32
 
-# oneDNN's linear with a weight reordered once (the op torch.compile's CPU backend uses), where this torch has it;
-# x86 only (measured on an AMD EPYC; other CPUs take the plain product)
-PACKED_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-PACK_ROWS = 64  # the row count the layout is chosen for (any count works): a greedy step of a batch of 64
-PACK_ROW_MULTIPLE = 8  # rows padded to a multiple of this (see Decoder._packed_output)
+PACK_ROWS = 64  # the row count the output layer's decoding layout is chosen for: a greedy step of a batch of 64
 
 
 class Decoder(nn.Module):
@@ -151,11 +145,9 @@ class Decoder(nn.Module):
         memory as it was (unpadded: +78 MiB, greedy 1.22x)."""
         weight = self.output.weight
         packed = self._kept("packed output", (weight.device, *_versions([weight])),
-                            lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
+                            lambda: pack_weight(weight, PACK_ROWS))
         flat = self.dropout(pre_output).reshape(-1, pre_output.size(-1))  # [R, D]
-        rows = flat.size(0)
-        flat = F.pad(flat, (0, 0, 0, -rows % PACK_ROW_MULTIPLE))  # fewer shapes, fewer oneDNN kernels
-        logits = torch.ops.mkldnn._linear_pointwise(flat, packed, self.output.bias, "none", [], "")[:rows]  # [R, V]
+        logits = packed_linear(flat, packed, self.output.bias)  # [R, V]
         return logits.view(*pre_output.shape[:-1], logits.size(-1))
 
     def decoding_bf16(self) -> bool:

@@ -1,0 +1,30 @@
+"""oneDNN's linear layer with its weight reordered once into oneDNN's own layout (the op that torch.compile's
+CPU backend uses). A plain float32 product re-packs its [out, in] weight at every call, which costs most
+where the weight is large and the rows are few: the output layer ([8,000 x 256] on Multi30k) in decoding
+steps and in the chunks of the training loss (see decoder.py and output_loss.py for what each gained).
+"""
+from __future__ import annotations
+
+import platform
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# x86 only (measured on an AMD EPYC; other CPUs take the plain product), where this torch has the ops
+PACKED_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+PACK_ROW_MULTIPLE = 8  # rows padded to a multiple of this: oneDNN keeps a kernel (~1 MB) per row count
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """weight [O, I] (float32, CPU) in oneDNN's layout for products of about ``rows`` rows (any count works)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [R, I] @ weight.T + bias -> [R, O], from ``pack_weight(weight)``; no gradients flow through it."""
+    rows = x.size(0)
+    x = F.pad(x, (0, 0, 0, -rows % PACK_ROW_MULTIPLE))  # fewer shapes, fewer oneDNN kernels
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
