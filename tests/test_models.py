@@ -9,7 +9,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from seq2seq.batch import make_batch
 from seq2seq.config import ConfigError, SearchConfig
 from seq2seq.models import output_loss
-from seq2seq.models import packed as packed_module
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.search import greedy_search
 from tests.conftest import tiny_model_config
@@ -194,11 +193,9 @@ def test_dropout_active_only_in_training():
                                model(batch.src, batch.src_len, batch.tgt_in))
 
 
-@pytest.mark.parametrize("packed", [True, False])  # True: oneDNN's product where this CPU and torch have it
 @pytest.mark.parametrize("label_smoothing,tie", [(0.0, False), (0.1, False), (0.1, True)])
-def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, tie, packed, monkeypatch):
+def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, tie, monkeypatch):
     monkeypatch.setattr(output_loss, "CHUNK_ROWS", 4)  # several chunks, the last one short
-    monkeypatch.setattr(packed_module, "PACKED_LINEAR", packed and packed_module.PACKED_LINEAR)
     torch.manual_seed(4)
     model = Seq2Seq(tiny_model_config(attention="bahdanau", tie_embeddings=tie), 20, 20).eval()
     batch, _, _ = random_batch(20, [5, 3, 8], seed=5)
@@ -216,24 +213,6 @@ def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, ti
     with torch.no_grad():  # validation: the same loss, no gradients computed
         again = model(batch.src, batch.src_len, batch.tgt_in, tgt_out=batch.tgt_out, label_smoothing=label_smoothing)
     assert torch.allclose(again, plain.detach(), rtol=1e-5)
-
-
-@pytest.mark.skipif(not packed_module.PACKED_LINEAR, reason="this CPU or torch has no oneDNN packed linear")
-def test_chunked_output_loss_packs_its_weight_once_per_batch(monkeypatch):
-    monkeypatch.setattr(output_loss, "CHUNK_ROWS", 8)
-    packs, pack = [], output_loss.pack_weight
-    monkeypatch.setattr(output_loss, "pack_weight", lambda weight, rows: packs.append(rows) or pack(weight, rows))
-    torch.manual_seed(3)
-    x, weight, bias = torch.randn(37, 16, requires_grad=True), torch.randn(30, 16), torch.randn(30)
-    target = torch.randint(1, 30, (37,))  # 37 rows: the last chunk's 5 rows padded to 8 for the product
-    loss = output_loss.linear_cross_entropy(x, weight, bias, target)
-    assert packs == [8]  # one reordering for the five chunks
-    expected = F.cross_entropy(F.linear(x, weight, bias), target, reduction="sum")
-    assert torch.allclose(loss, expected, rtol=1e-5)
-    assert torch.allclose(torch.autograd.grad(loss, x)[0], torch.autograd.grad(expected, x)[0], rtol=1e-4, atol=1e-6)
-    packs.clear()
-    output_loss.linear_cross_entropy(x, weight, bias, target, low_precision=torch.bfloat16)
-    assert packs == []  # bfloat16 products take their own path
 
 
 def test_chunks_are_cache_sized_on_the_cpu_and_large_on_a_gpu():

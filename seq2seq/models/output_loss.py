@@ -15,8 +15,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from seq2seq.models import packed as packed_module
-from seq2seq.models.packed import pack_weight, packed_linear
 from seq2seq.tokenizer import PAD_ID
 
 CHUNK_ROWS = 256  # 256 x 8k logits = 8 MB; 128-1024 rows measured within 20 % of each other here
@@ -40,9 +38,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x, target = x.index_select(0, real), target.index_select(0, real)  # padding rows never enter the loop
         count = x.size(0)
         w = weight.to(low_precision) if low_precision is not None else weight  # [V, D]
+        w_t = w.t().contiguous()  # [D, V], once: a transposed operand was copied at every product
         low = w.dtype != torch.float32
-        packed = pack_weight(w, chunk_rows) if _packs(x, w) else None  # once per batch: see _packs
-        w_t = w.t().contiguous() if packed is None else None  # [D, V], once: a transposed operand was copied
         if low and x.device.type == "cpu":  # rows added up to whole chunks, so that every product has one of a
             x = F.pad(x, (0, 0, 0, -count % chunk_rows))  # few shapes: oneDNN builds a kernel per shape; they get
             target = F.pad(target, (0, x.size(0) - count), value=PAD_ID)  # no loss and no gradient
@@ -57,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # every chunk's logits and softmax go into the same buffers: fresh 8 MB tensors per chunk made the loss
         # of a Multi30k-sized batch (3,900 rows) 10 % slower here
         rows_max = min(chunk_rows, x.size(0))
-        product_buffer = None if packed is not None else x.new_empty((rows_max, vocab), dtype=w.dtype)  # in w's type
+        product_buffer = x.new_empty((rows_max, vocab), dtype=w.dtype)  # the product's output, in w's type
         logits_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32) if low else product_buffer
         probs_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32)
         for start in range(0, x.size(0), chunk_rows):
@@ -65,9 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xc, tc = x[rows].to(w.dtype), target[rows]
             n = xc.size(0)
             valid = min(n, count - start)  # the chunk's rows that are not the added ones
-            if packed is not None:
-                logits = packed_linear(xc, packed, bias)  # [n, V]
-            elif bias is None:
+            if bias is None:
                 logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
             else:
                 logits = torch.addmm(bias_low if low else bias, xc, w_t, out=product_buffer[:n])  # [n, V]
@@ -111,13 +106,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return ((grad_x * grad_total).to(x_dtype), (grad_w * grad_total).to(w_dtype),
                 None if grad_b is None else (grad_b * grad_total).to(b_dtype), None, None, None, None)
-
-
-def _packs(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The chunks' forward products from a weight packed once per batch (float32 on an x86 CPU): the plain
-    product re-packs the [V, D] weight at every chunk. 256 x 256 x 8,000 took 7.4 against 9.4 ms per chunk,
-    and Multi30k training ran 1.022x as fast (AMD EPYC, 2 threads, paired A/B of 40 batches)."""
-    return (packed_module.PACKED_LINEAR and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32)
 
 
 def chunk_rows_for(device: torch.device, vocab: int) -> int:

@@ -1,7 +1,7 @@
 """oneDNN's linear layer with its weight reordered once into oneDNN's own layout (the op that torch.compile's
 CPU backend uses). A plain float32 product re-packs its [out, in] weight at every call, which costs most
 where the weight is large and the rows are few: the output layer ([8,000 x 256] on Multi30k) in decoding
-steps and in the chunks of the training loss (see decoder.py and output_loss.py for what each gained).
+steps (``Decoder._packed_output``). The training loss's chunks gained too little from it to keep (README).
 """
 from __future__ import annotations
 
@@ -26,5 +26,6 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [R, I] @ weight.T + bias -> [R, O], from ``pack_weight(weight)``; no gradients flow through it."""
     rows = x.size(0)
-    x = F.pad(x, (0, 0, 0, -rows % PACK_ROW_MULTIPLE))  # fewer shapes, fewer oneDNN kernels
+    if rows % PACK_ROW_MULTIPLE:
+        x = F.pad(x, (0, 0, 0, -rows % PACK_ROW_MULTIPLE))  # fewer shapes, fewer oneDNN kernels
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
