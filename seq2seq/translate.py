@@ -70,8 +70,10 @@ class Translator:
             if self.device.type != "cpu":
                 raise ConfigError("int8 quantisation runs on the CPU only: add --device cpu")
             self.model = quantize_int8(self.model)
-        if bf16:  # the step's products in bfloat16 from weights cast once: on the CPU this beat autocast of
-            if self.device.type == "cpu":  # the whole step (a cast per product), where the CPU has bf16 units
+        # bf16: the step's products in bfloat16 from weights cast once, which on a CPU with bf16 units beat
+        # autocast of the whole step (a cast per product); a CPU without them gets a warning
+        if bf16:
+            if self.device.type == "cpu":
                 warn_if_slow_bf16("--bf16")
             for module in self.model.modules():
                 if isinstance(module, Decoder):

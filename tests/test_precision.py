@@ -57,7 +57,8 @@ def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
     model = Seq2Seq(cfg, 40, 40).eval()
     batch, _, _ = random_batch(40, [6, 3, 5], seed=4)
     full, half = decoding_steps_fp32_and_bf16(model, batch)
-    cached = [v for name, (_, v) in model.decoder._decoding_cache.items() if name[0] == "bf16"]  # not fp32's packed one
+    cached = [v for name, (_, v) in model.decoder._decoding_cache.items()
+              if isinstance(name, tuple) and name[0] == "bf16"]  # not "cell" or fp32's "packed output"
     # per layer its input and recurrent weights, the pre-output and output layers, Bahdanau's query projection
     assert len(cached) == (7 if attention == "bahdanau" else 6) and all(w.dtype == torch.bfloat16 for w in cached)
     assert_bf16_steps_close(full, half)

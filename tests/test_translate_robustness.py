@@ -76,7 +76,8 @@ def test_bf16_translator_runs_its_matrix_products_in_bfloat16(translator):
     out = bf16.translate(lines)
     assert len(out) == 3 and out[1][0].text == "" and out[0][0].text
     decoder = bf16.model.decoder
-    cached = [value for name, (_, value) in decoder._decoding_cache.items() if name[0] == "bf16"]
+    cached = [value for name, (_, value) in decoder._decoding_cache.items()
+              if isinstance(name, tuple) and name[0] == "bf16"]  # keys: "cell", "packed output", ("bf16", id)
     assert len(cached) == 5 and all(w.dtype == torch.bfloat16 for w in cached)  # every product of the step ran in bf16
     pre_output = torch.randn(7, decoder.output.in_features)
     with torch.no_grad():
