@@ -7,6 +7,8 @@ all ranks must share (stop early, stop for time, skip a batch) are agreed on col
 """
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,11 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # DistributedDataParallel imports torch._dynamo, and that import, made after the group exists,
+        # keeps ten references to it (torch 2.13): destroy_process_group then leaves gloo's threads
+        # running into interpreter shutdown, where one that drops a tensor aborts the process now and
+        # then ("terminate called without an active exception"). Imported first, the group is freed.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return ctx, device
 
@@ -76,5 +83,8 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group; the caller has dropped its DistributedDataParallel wrapper, so the
+    group is freed here and its threads joined while the interpreter is still whole."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()

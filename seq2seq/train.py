@@ -325,8 +325,9 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     summary = {"steps": progress.step, "epochs": progress.epoch, "best_valid_bleu": progress.best_bleu,
                "best_step": progress.best_step, "train_minutes": (time.monotonic() - start_time) / 60,
                "model_dir": str(run_dir / "model")}
-    # the ranks leave the process group together, before rank 0 tests alone: a rank that left while
-    # another still held it made that one abort in gloo now and then ("terminate called ...")
+    # the ranks leave the process group together, before rank 0 tests alone; the DDP wrapper holds the
+    # group, so it goes first and leaving joins gloo's threads (see distributed.init_distributed)
+    del net
     barrier(ctx)
     shutdown(ctx)
     if not ctx.is_main:

@@ -13,6 +13,7 @@ from seq2seq.checkpoint import load_bundle
 ROOT = Path(__file__).resolve().parent.parent
 
 RANK_SCRIPT = """
+import os
 import sys
 from pathlib import Path
 import torch
@@ -35,6 +36,11 @@ def check(model, progress):
         save_file(weights, str(run_dir.parent / f"rank{dist.get_rank()}.safetensors"))
 
 train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=600)), run_dir, on_step=check)
+# train() has left the process group: gloo's threads must be gone before the interpreter shuts down
+tasks = Path("/proc/self/task")
+names = [(task / "comm").read_text().strip() for task in tasks.iterdir()] if tasks.is_dir() else []
+with open(run_dir.parent / f"rank{os.environ['RANK']}.threads", "w") as f:
+    f.write(" ".join(sorted(name for name in names if "gloo" in name)) or "none")
 """
 
 
@@ -42,14 +48,15 @@ train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=600)), r
 def test_two_ranks_keep_identical_weights_and_rank0_saves_a_plain_model(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(script), str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
                             timeout=300)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert result.returncode == 0, result.stderr.decode()[-12000:]
     for rank in (0, 1):
         lines = (tmp_path / f"rank{rank}.log").read_text().split()
         assert lines == [x for step in range(1, 7) for x in (str(step), "True")]
+        assert (tmp_path / f"rank{rank}.threads").read_text() == "none"
     from safetensors.torch import load_file
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
