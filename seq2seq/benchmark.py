@@ -124,16 +124,16 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
 
 
 def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sentences: int, variant: str,
-                  device: str, stopping: str, queue) -> None:
+                  device: str, stopping: str, workers: int, queue) -> None:
     from seq2seq.data import load_split
     from seq2seq.metrics import bleu
     from seq2seq.runtime import set_decoding_runtime
     from seq2seq.translate import Translator
 
-    set_decoding_runtime(threads)
+    set_decoding_runtime(threads, workers)
     translator = Translator.from_dir(model_dir, device=device, beam_size=beam, batch_size=batch_size,
                                      alpha=1.0 if beam > 1 else 0.0, stopping=stopping, bf16=variant == "bf16",
-                                     quantize=variant == "int8")
+                                     quantize=variant == "int8", workers=workers)
     data = translator.bundle.config.data
     pairs = load_split(data, data.test_split)[:sentences]
     start = time.perf_counter()
@@ -141,6 +141,7 @@ def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sent
     _synchronize(device)
     seconds = time.perf_counter() - start
     queue.put({"beam": beam, "batch_size": batch_size, "variant": variant, "stopping": stopping if beam > 1 else "",
+               "workers": workers,
                "sentences_per_s": len(pairs) / seconds,
                "bleu": bleu(hyps, [r for _, r in pairs]).score, "peak_rss_mib": _peak_memory_mib(device)})
 
@@ -163,8 +164,10 @@ def load_peer(path: str) -> dict:
 
 
 def _decoding_label(d: dict) -> str:
-    """One decoding run's variant, beam and stopping rule, e.g. "bf16 beam 5 (early stopping)"."""
-    return f"{d['variant']} beam {d['beam']}" + (f" ({d['stopping']} stopping)" if d["stopping"] else "")
+    """One decoding run's variant, beam, stopping rule and workers, e.g. "bf16 beam 5 (early stopping, 2 workers)"."""
+    notes = ([f"{d['stopping']} stopping"] if d["stopping"] else []) + (
+        [f"{d['workers']} workers"] if d.get("workers", 1) > 1 else [])
+    return f"{d['variant']} beam {d['beam']}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def peer_comparison(result: dict, peer: dict) -> list[dict]:
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation)")
     parser.add_argument("--stopping", default="bound",
                         help="comma-separated beam-search stopping rules to decode with: bound, early")
+    parser.add_argument("--decode-workers", default="1",
+                        help="comma-separated: decoding threads side by side, each on --threads / N torch threads")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--peer", help="a peer toolkit's summary.json (../shared/peers/runs/<toolkit>/summary.json) "
                                        "to compare with: its figures and our ratio to each")
@@ -246,8 +251,9 @@ def main(argv: list[str] | None = None) -> None:
             for beam in map(int, args.beams.split(",")):
                 for stopping in args.stopping.split(",") if beam > 1 else ["bound"]:
                     for batch_size in map(int, args.batch_sizes.split(",")):
-                        decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
-                                                     args.sentences, variant, args.device, stopping))
+                        for workers in map(int, args.decode_workers.split(",")):
+                            decoding.append(run_in_child(_decode_phase, args.model, args.threads, beam, batch_size,
+                                                         args.sentences, variant, args.device, stopping, workers))
     result["decoding"] = decoding
     if peer is not None:
         result["peer"] = {"path": args.peer, "toolkit": peer.get("toolkit", "peer"),

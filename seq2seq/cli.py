@@ -74,6 +74,8 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default 64)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="CPU: translate this many batches side by side, each on --threads / N threads")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantisation of linear and GRU/LSTM layers (CPU only)")
     parser.add_argument("--bf16", action="store_true",
@@ -83,16 +85,16 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
 def load_translator(args: argparse.Namespace):
     from seq2seq.translate import Translator
 
-    set_decoding_runtime(args.threads)
-    for name in ("beam", "batch_size"):
+    for name in ("beam", "batch_size", "workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    set_decoding_runtime(args.threads, args.workers)
     return Translator.from_dirs(args.model, device=args.device, beam_size=args.beam, alpha=args.alpha,
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
                                 length_penalty=args.length_penalty, stopping=args.stopping, min_len=args.min_len,
                                 no_repeat_ngram=args.no_repeat_ngram, forbid_unk=args.forbid_unk,
-                                quantize=args.quantize, bf16=args.bf16)
+                                quantize=args.quantize, bf16=args.bf16, workers=args.workers)
 
 
 class InvalidUtf8Counter:

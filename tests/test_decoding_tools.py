@@ -111,6 +111,19 @@ def test_ensemble_translates_from_the_command_line(model_dir, other_dir, tmp_pat
     assert not isinstance(Translator.from_dirs([model_dir], device="cpu").model, Ensemble)
 
 
+def test_translate_workers_write_what_one_worker_writes(model_dir, other_dir, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("\n".join(SOURCES * 3) + "\n")
+    for workers in ("1", "2"):  # an ensemble, each batch of one sentence on its own
+        translate_main(["--model", str(model_dir), str(other_dir), "--beam", "2", "--device", "cpu", "--batch-size",
+                        "1", "--workers", workers, "--n-best", "2", "--input", str(tmp_path / "in.txt"),
+                        "--output", str(tmp_path / f"out{workers}.txt")])
+    assert (tmp_path / "out2.txt").read_text() == (tmp_path / "out1.txt").read_text()
+    assert len((tmp_path / "out1.txt").read_text().splitlines()) == 2 * len(SOURCES) * 3
+    with pytest.raises(SystemExit):
+        translate_main(["--model", str(model_dir), "--workers", "0"])
+    assert "error: --workers must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_ensemble_needs_the_same_vocabularies(model_dir, tmp_path):
     other_tok = train_tokenizer(SOURCES * 20, TokenizerConfig(vocab_size=40))
     foreign = make_model_dir(model_dir, tmp_path / "foreign", tokenizer=other_tok)

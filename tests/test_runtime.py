@@ -68,3 +68,21 @@ def test_bf16_warns_once_set_where_the_cpu_has_no_bf16_units(monkeypatch, caplog
     assert model.decoder.bf16_products
     expected = [] if has_bf16_units else ["trainer.precision=bf16", "--bf16"]
     assert [message.split(": ")[0] for message in warned] == expected
+
+
+def test_decoding_workers_share_out_the_threads():
+    """Each decoding worker gets threads // workers torch threads (at least one); one worker gets them all."""
+    import torch
+
+    from seq2seq.runtime import set_decoding_runtime
+
+    before = torch.get_num_threads()
+    try:
+        set_decoding_runtime(4, 2)
+        assert torch.get_num_threads() == 2
+        set_decoding_runtime(3, 4)
+        assert torch.get_num_threads() == 1
+        set_decoding_runtime(3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

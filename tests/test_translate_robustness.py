@@ -1,5 +1,7 @@
 """Translate survives anything piped into it: one output line per input line, streamed."""
 import io
+import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from seq2seq.cli import one_line
+from seq2seq.config import ConfigError
 from seq2seq.translate import Translator
 from seq2seq.train import train
 from tests.conftest import tiny_config
@@ -89,3 +92,26 @@ def test_bf16_translator_runs_its_matrix_products_in_bfloat16(translator):
         assert torch.allclose(decoder.project(pre_output) - decoder.output.bias, 2 * (expected - decoder.output.bias),
                               atol=1e-2)
         decoder.output.weight.div_(2)
+
+
+def test_workers_translate_batches_side_by_side_with_the_same_results(translator):
+    lines = ["The dog sees the cat.", "", "Two old men will buy a red car.", "A woman.", "The cat runs.",
+             "A man and a dog in the park.", "Red car.", "The old men see the big dog."] * 2
+    cfg = replace(translator.search_cfg, beam_size=3, batch_size=2)
+    one = Translator(translator.bundle, cfg, device="cpu").translate(lines, n_best=2, return_attention=True)
+    two = Translator(translator.bundle, cfg, device="cpu", workers=2)
+    both = two.translate(lines, n_best=2, return_attention=True)
+    assert [[(h.text, h.score) for h in n] for n in both] == [[(h.text, h.score) for h in n] for n in one]
+    assert all(h.attention is None and g.attention is None or torch.equal(h.attention, g.attention)
+               for n, m in zip(both, one) for h, g in zip(n, m))
+    threads = set()
+    assert list(two._map(lambda _: threads.add(threading.current_thread().name), range(8))) == [None] * 8
+    assert threads and all(name.startswith("seq2seq-decode") for name in threads)
+
+
+def test_workers_need_a_cpu_and_at_least_one(translator, monkeypatch):
+    with pytest.raises(ConfigError, match="--workers must be at least 1"):
+        Translator(translator.bundle, translator.search_cfg, device="cpu", workers=0)
+    monkeypatch.setattr("seq2seq.translate.resolve_device", lambda device: torch.device("cuda"))
+    with pytest.raises(ConfigError, match="on a GPU use one worker"):
+        Translator(translator.bundle, translator.search_cfg, device="cuda", workers=2)
