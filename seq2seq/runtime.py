@@ -84,11 +84,11 @@ def set_threads(threads: int, kernel_cache: int = 128) -> None:
 
 
 # glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit systems
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX, MAX_MMAP_THRESHOLD = -1, -3, -8, 32 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD = -1, -3, 32 << 20
 TRIM_THRESHOLD = 512 << 20
 
 
-def keep_freed_memory(one_arena: bool = False) -> bool:
+def keep_freed_memory() -> bool:
     """Have glibc's malloc reuse freed blocks of up to 32 MiB instead of handing them back to the system.
 
     A decoding step allocates tensors of a few MiB (logits, their log-softmax) and frees them. By default
@@ -97,11 +97,8 @@ def keep_freed_memory(one_arena: bool = False) -> bool:
     Decoding calls this (``set_decoding_runtime``): beam 5 on test2016 (bf16, batch 64) ran 413 and 399
     sent/s against 326 and 312, at the same peak memory (``scripts/benchmark.py``, runs alternated).
     Training does not: 10,487 and 10,104 target tokens/s against 11,111 and 10,589 without. Memory freed
-    at the top of the heap is returned beyond 512 MiB. With ``one_arena`` (several decoding threads) all
-    threads allocate from one heap, so that they share the blocks kept instead of each keeping its own: two
-    workers' beam 5 on test2016 peaked at 478 instead of 511 MiB at the same speed (a script outside the
-    repository, one run each). Returns whether it
-    applied (glibc only; the environment's MALLOC_MMAP_THRESHOLD_ wins where set).
+    at the top of the heap is returned beyond 512 MiB. Returns whether it applied (glibc only; the
+    environment's MALLOC_MMAP_THRESHOLD_ wins where set).
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
@@ -110,8 +107,6 @@ def keep_freed_memory(one_arena: bool = False) -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if one_arena and "MALLOC_ARENA_MAX" not in os.environ:
-        mallopt(M_ARENA_MAX, 1)
     return bool(mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
@@ -122,7 +117,7 @@ def set_decoding_runtime(threads: int, workers: int = 1) -> None:
     products run on ``threads // workers`` of them (at least one; ``threads`` 0 = torch's default)."""
     total = threads if threads > 0 else torch.get_num_threads()
     set_threads(max(1, total // workers) if workers > 1 else threads, DECODING_KERNEL_CACHE)
-    keep_freed_memory(one_arena=workers > 1)
+    keep_freed_memory()
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -143,9 +143,10 @@ class Translator:
         """``function`` over the batches, in order; with several workers, batches run side by side.
 
         Each worker takes the next batch when it finishes one. Two workers of one thread each decoded test2016
-        1.15-1.26x (greedy) and 1.18-1.21x (beam 5) as fast as one worker with both threads, int8 1.13-1.41x,
-        with the same translations (AMD EPYC, 2 vCPUs; ``scripts/benchmark.py --decode-workers 1,2``, twice):
-        much of a step is small work that one core does without waiting for the other. The workers inherit
+        1.15-1.31x (greedy) and 1.01-1.21x (beam 5) as fast as one worker with both threads, with the same
+        translations, beam 5 at up to 0.10 GiB more peak memory (AMD EPYC, 2 vCPUs; ``scripts/benchmark.py
+        --decode-workers 1,2``, README rounds H to J): much of a step is small work that one core does
+        without waiting for the other. The workers inherit
         the main thread's floating-point flags (flush denormals to zero, ``runtime.set_threads``) when they
         start."""
         if self.workers == 1 or len(groups) < 2:
