@@ -85,7 +85,7 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
 def load_translator(args: argparse.Namespace):
     from seq2seq.translate import Translator
 
-    for name in ("beam", "batch_size", "workers"):
+    for name in ("beam", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")

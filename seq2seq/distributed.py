@@ -7,7 +7,6 @@ all ranks must share (stop early, stop for time, skip a batch) are agreed on col
 """
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 from dataclasses import dataclass
@@ -87,4 +86,3 @@ def shutdown(ctx: DistContext) -> None:
     group is freed here and its threads joined while the interpreter is still whole."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
-        gc.collect()

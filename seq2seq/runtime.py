@@ -115,8 +115,9 @@ def set_decoding_runtime(threads: int, workers: int = 1) -> None:
     decoding's kernel cache (:func:`set_threads`) and glibc keeping freed memory (:func:`keep_freed_memory`).
     With several ``workers`` (``Translator``'s decoding threads) the threads are shared out: each worker's
     products run on ``threads // workers`` of them (at least one; ``threads`` 0 = torch's default)."""
-    total = threads if threads > 0 else torch.get_num_threads()
-    set_threads(max(1, total // workers) if workers > 1 else threads, DECODING_KERNEL_CACHE)
+    if workers > 1:
+        threads = max(1, (threads or torch.get_num_threads()) // workers)
+    set_threads(threads, DECODING_KERNEL_CACHE)
     keep_freed_memory()
 
 

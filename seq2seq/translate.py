@@ -108,10 +108,10 @@ class Translator:
     @classmethod
     def _with_defaults(cls, bundle: Bundle, model_dir: str | Path, device: str, overrides: dict) -> "Translator":
         quantize, bf16 = bool(overrides.pop("quantize", False)), bool(overrides.pop("bf16", False))
-        workers = overrides.pop("workers", None) or 1
+        workers = overrides.pop("workers", None)
         search_cfg = read_search_defaults(model_dir, bundle.config.search)
         search_cfg = replace(search_cfg, **{k: v for k, v in overrides.items() if v is not None})
-        return cls(bundle, search_cfg, device, quantize, bf16, workers)
+        return cls(bundle, search_cfg, device, quantize, bf16, 1 if workers is None else workers)
 
     def translate(self, lines: list[str], n_best: int = 1, return_attention: bool = False) -> list[list[Translation]]:
         """Translate a list of lines; each gets an n-best list (best first)."""
