@@ -131,9 +131,10 @@ def _decode_phase(model_dir: str, threads: int, beam: int, batch_size: int, sent
     from seq2seq.translate import Translator
 
     set_decoding_runtime(threads, workers)
+    precision, _, shortlist = variant.partition("+")
     translator = Translator.from_dir(model_dir, device=device, beam_size=beam, batch_size=batch_size,
-                                     alpha=1.0 if beam > 1 else 0.0, stopping=stopping, bf16=variant == "bf16",
-                                     quantize=variant == "int8", workers=workers)
+                                     alpha=1.0 if beam > 1 else 0.0, stopping=stopping, bf16=precision == "bf16",
+                                     quantize=precision == "int8", workers=workers, shortlist=shortlist == "shortlist")
     data = translator.bundle.config.data
     pairs = load_split(data, data.test_split)[:sentences]
     start = time.perf_counter()
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beams", default="1,5")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--decode-variants", default="fp32",
-                        help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation)")
+                        help="comma-separated: fp32, bf16 (output layer in bfloat16), int8 (dynamic quantisation), "
+                             "each optionally +shortlist (the model's lexical shortlist, e.g. fp32+shortlist)")
     parser.add_argument("--stopping", default="bound",
                         help="comma-separated beam-search stopping rules to decode with: bound, early")
     parser.add_argument("--decode-workers", default="1",
@@ -229,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer", help="a peer toolkit's summary.json (../shared/peers/runs/<toolkit>/summary.json) "
                                        "to compare with: its figures and our ratio to each")
     args = parser.parse_args(argv)
+    for variant in args.decode_variants.split(","):
+        precision, plus, extra = variant.partition("+")
+        if precision not in ("fp32", "bf16", "int8") or (plus and extra != "shortlist"):
+            parser.error(f"--decode-variants: unknown variant {variant!r} (fp32, bf16 or int8, each optionally "
+                         "+shortlist)")
     try:
         peer = load_peer(args.peer) if args.peer else None  # before the runs, so that a bad file fails at once
     except ValueError as error:

@@ -80,6 +80,9 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                         help="int8 dynamic quantisation of linear and GRU/LSTM layers (CPU only)")
     parser.add_argument("--bf16", action="store_true",
                         help="the decoder's matrix products in bfloat16 (fast on CPUs with AMX / AVX512-BF16)")
+    parser.add_argument("--shortlist", action="store_true",
+                        help="cut each batch's output layer to the model's lexical shortlist (faster; build it "
+                             "once with seq2seq-shortlist --model DIR)")
 
 
 def load_translator(args: argparse.Namespace):
@@ -94,7 +97,8 @@ def load_translator(args: argparse.Namespace):
                                 max_len_a=args.max_len_a, max_len_b=args.max_len_b, batch_size=args.batch_size,
                                 length_penalty=args.length_penalty, stopping=args.stopping, min_len=args.min_len,
                                 no_repeat_ngram=args.no_repeat_ngram, forbid_unk=args.forbid_unk,
-                                quantize=args.quantize, bf16=args.bf16, workers=args.workers)
+                                quantize=args.quantize, bf16=args.bf16, workers=args.workers,
+                                shortlist=args.shortlist)
 
 
 class InvalidUtf8Counter:

@@ -23,6 +23,10 @@ stops is ``SearchConfig.stopping``:
   that of the maximum length. The n-best list equals that of running every beam to its maximum
   length (up to exact ties), at the cost of more steps.
 Both rules depend on the sentence alone, so results do not depend on which sentences share the batch.
+
+``vocab`` (a shortlist, :mod:`seq2seq.shortlist`) cuts the output layer to those target ids [V'], sorted
+and starting with the special tokens, which so keep their ids: the search then runs over positions in
+``vocab`` (constraints included) and maps the hypotheses' tokens back to ids at the end.
 """
 from __future__ import annotations
 
@@ -98,12 +102,31 @@ def ban_tokens(log_probs: torch.Tensor, history: torch.Tensor, cfg: SearchConfig
     return log_probs
 
 
+def _encode(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor]):
+    if vocab is None:
+        return model.encode(src, src_len)
+    specials = torch.arange(EOS_ID + 1)
+    if vocab.dim() != 1 or vocab.numel() <= EOS_ID or not torch.equal(vocab[: EOS_ID + 1].cpu(), specials):
+        raise ValueError("a shortlist vocabulary is a 1-D tensor of sorted ids that starts with the special ids 0-3")
+    return model.encode(src, src_len, vocab)
+
+
+def _to_ids(found: list[list[Hypothesis]], vocab: Optional[torch.Tensor]) -> list[list[Hypothesis]]:
+    """Hypotheses' tokens from positions in a shortlist ``vocab`` back to token ids (in place)."""
+    if vocab is not None:
+        ids = vocab.tolist()
+        for hyps in found:
+            for hyp in hyps:
+                hyp.tokens = [ids[token] for token in hyp.tokens]
+    return found
+
+
 @torch.no_grad()
 def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig,
-                  return_attention: bool = False) -> list[list[Hypothesis]]:
+                  return_attention: bool = False, vocab: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
     """Pick the most probable allowed token at each step; one hypothesis per sentence."""
     batch_size = src.size(0)
-    enc = model.encode(src, src_len)
+    enc = _encode(model, src, src_len, vocab)
     state = model.init_state(enc)
     limit = max_lengths(src_len, cfg)
     active = torch.arange(batch_size, device=src.device)  # original positions of the live sentences
@@ -132,7 +155,8 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchCo
             active, best = active[keep], best[keep]
             enc, state = enc.select(keep), state.select(keep)
         prev = best
-    return [[Hypothesis(tokens[i], scores[i], torch.stack(attns[i]) if attns[i] else None)] for i in range(batch_size)]
+    found = [[Hypothesis(tokens[i], scores[i], torch.stack(attns[i]) if attns[i] else None)] for i in range(batch_size)]
+    return _to_ids(found, vocab)
 
 
 # --- beam search -------------------------------------------------------------------------------
@@ -220,7 +244,7 @@ def _live_positions(cand_tokens: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig, n_best: int = 1,
-                return_attention: bool = False) -> list[list[Hypothesis]]:
+                return_attention: bool = False, vocab: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
     """Batched beam search of width K = cfg.beam_size with the GNMT length penalty cfg.alpha.
 
     Returns, per sentence, its min(n_best, found) (at least 1) best hypotheses by normalized score.
@@ -230,7 +254,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     batch, k, device = src.size(0), cfg.beam_size, src.device
     keep = n_best  # finished hypotheses kept per sentence; the stopping rule waits for this many
     penalty = penalty_of(cfg)
-    enc = model.encode(src, src_len)
+    enc = _encode(model, src, src_len, vocab)
     beams = torch.arange(batch, device=device).repeat_interleave(k)  # [B*K] sentence of each row
     state = model.init_state(enc).select(beams)  # enc stays one row per sentence (see Decoder.step)
     limits, lengths = max_lengths(src_len, cfg).tolist(), src_len.tolist()
@@ -298,7 +322,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
             active = [active[row] for row in kept.tolist()]
         state = state.select(rows_flat)
         prev = tokens.reshape(-1)
-    return [hyps[:n_best] for hyps in found]
+    return _to_ids([hyps[:n_best] for hyps in found], vocab)
 
 
 def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: torch.Tensor,
@@ -329,8 +353,9 @@ def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: 
 
 @torch.no_grad()
 def search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig, n_best: int = 1,
-           return_attention: bool = False) -> list[list[Hypothesis]]:
-    """Decode a batch: greedy for beam size 1, else beam search. Returns n-best lists, best first."""
+           return_attention: bool = False, vocab: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
+    """Decode a batch: greedy for beam size 1, else beam search. Returns n-best lists, best first.
+    ``vocab``: a shortlist of target ids [V'] to decode over (see the module's docstring)."""
     if cfg.beam_size == 1:
-        return greedy_search(model, src, src_len, cfg, return_attention)
-    return beam_search(model, src, src_len, cfg, n_best=n_best, return_attention=return_attention)
+        return greedy_search(model, src, src_len, cfg, return_attention, vocab)
+    return beam_search(model, src, src_len, cfg, n_best=n_best, return_attention=return_attention, vocab=vocab)

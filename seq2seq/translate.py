@@ -27,6 +27,7 @@ from seq2seq.ensemble import load_ensemble
 from seq2seq.models.decoder import Decoder
 from seq2seq.runtime import quantize_int8, resolve_device, warn_if_slow_bf16
 from seq2seq.search import Hypothesis, search
+from seq2seq.shortlist import SHORTLIST_FILE, Shortlist
 
 log = logging.getLogger(__name__)
 SEARCH_FILE = "search.yaml"  # default search settings in a model directory (written by seq2seq-tune)
@@ -61,9 +62,10 @@ class Translation:
 
 class Translator:
     def __init__(self, bundle: Bundle, search_cfg: Optional[SearchConfig] = None, device: str = "auto",
-                 quantize: bool = False, bf16: bool = False, workers: int = 1):
+                 quantize: bool = False, bf16: bool = False, workers: int = 1, shortlist: Optional[Shortlist] = None):
         """``workers`` > 1 (CPU only): that many threads translate batches side by side, sharing the model.
-        Set their torch threads with ``runtime.set_decoding_runtime(threads, workers)``."""
+        Set their torch threads with ``runtime.set_decoding_runtime(threads, workers)``. ``shortlist``: each
+        batch's output layer cut to its lexical shortlist (:mod:`seq2seq.shortlist`)."""
         self.device = resolve_device(device)
         if workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {workers}")
@@ -71,6 +73,7 @@ class Translator:
             raise ConfigError(f"--workers {workers} translates batches side by side on CPU cores; "
                               "on a GPU use one worker and a larger --batch-size")
         self.workers = workers
+        self.shortlist = shortlist
         self._pool: Optional[ThreadPoolExecutor] = None
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
@@ -109,9 +112,13 @@ class Translator:
     def _with_defaults(cls, bundle: Bundle, model_dir: str | Path, device: str, overrides: dict) -> "Translator":
         quantize, bf16 = bool(overrides.pop("quantize", False)), bool(overrides.pop("bf16", False))
         workers = overrides.pop("workers", None)
+        shortlist = None
+        if overrides.pop("shortlist", False):  # the first model directory's (an ensemble shares its vocabularies)
+            shortlist = Shortlist.load(Path(model_dir) / SHORTLIST_FILE, len(bundle.src_tokenizer),
+                                       len(bundle.tgt_tokenizer))
         search_cfg = read_search_defaults(model_dir, bundle.config.search)
         search_cfg = replace(search_cfg, **{k: v for k, v in overrides.items() if v is not None})
-        return cls(bundle, search_cfg, device, quantize, bf16, 1 if workers is None else workers)
+        return cls(bundle, search_cfg, device, quantize, bf16, 1 if workers is None else workers, shortlist)
 
     def translate(self, lines: list[str], n_best: int = 1, return_attention: bool = False) -> list[list[Translation]]:
         """Translate a list of lines; each gets an n-best list (best first)."""
@@ -126,9 +133,11 @@ class Translator:
         ids = [seq[: self.max_src_len] for seq in ids]
 
         def search_batch(group: list[int]) -> list[list[Hypothesis]]:
-            batch = make_batch([ids[g] for g in group]).to(self.device)
+            batch = make_batch([ids[g] for g in group])
+            vocab = self.shortlist.vocabulary(batch.src) if self.shortlist is not None else None
+            batch = batch.to(self.device)
             return search(self.model, batch.src, batch.src_len, self.search_cfg, n_best=n_best,
-                          return_attention=return_attention)
+                          return_attention=return_attention, vocab=vocab)
 
         groups = list(sentence_batches([len(s) for s in ids], self.search_cfg.batch_size))
         for group, hyps in zip(groups, self._map(search_batch, groups)):

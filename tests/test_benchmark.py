@@ -63,3 +63,9 @@ def test_benchmark_rejects_a_file_that_is_not_a_peer_summary(content, tmp_path, 
     assert exit_info.value.code == 2
     assert f"--peer {peer}" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()  # it stopped before any run
+
+
+def test_benchmark_rejects_an_unknown_decoding_variant(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--train-seconds", "0", "--decode-variants", "fp32,int8+shortlists", "--out", str(tmp_path / "b.json")])
+    assert "unknown variant 'int8+shortlists'" in capsys.readouterr().err

@@ -124,6 +124,37 @@ def test_translate_workers_write_what_one_worker_writes(model_dir, other_dir, tm
     assert "error: --workers must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_shortlist_is_built_and_used_from_the_command_line(model_dir, tmp_path, capsys, monkeypatch):
+    from seq2seq import shortlist as shortlist_module
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    (tmp_path / "in.txt").write_text("\n".join(SOURCES) + "\n\n")
+    args = ["--model", str(model), "--beam", "2", "--device", "cpu", "--input", str(tmp_path / "in.txt")]
+    with pytest.raises(SystemExit):
+        translate_main([*args, "--shortlist"])
+    assert f"error: {model / 'shortlist.safetensors'}: no shortlist; build one with" in capsys.readouterr().err
+    shortlist_module.main(["--model", str(model)])  # from the model's training split (the built-in corpus)
+    assert "shortlist.safetensors" in capsys.readouterr().out
+    # every batch gets the 100 most frequent target tokens, topped up to 128: all 120 of the built-in corpus's,
+    # which decodes exactly as without a shortlist
+    for name, extra in (("plain", []), ("cut", ["--shortlist"])):
+        translate_main([*args, *extra, "--output", str(tmp_path / f"{name}.txt")])
+    assert (tmp_path / "cut.txt").read_text() == (tmp_path / "plain.txt").read_text()
+    # a real cut: the target vocabulary of each batch shrinks, and every line still gets its one output line
+    monkeypatch.setattr(shortlist_module, "SUBSET_MULTIPLE", 8)
+    bundle = load_bundle(model)
+    shortlist = shortlist_module.Shortlist.load(model / "shortlist.safetensors", len(bundle.src_tokenizer),
+                                               len(bundle.tgt_tokenizer))
+    vocab = shortlist.vocabulary(torch.tensor(encode(bundle)[0]))
+    assert vocab.numel() < len(bundle.tgt_tokenizer)
+    translator = Translator.from_dir(model, device="cpu", beam_size=2, shortlist=True)
+    for hyps, line in zip(translator.translate(SOURCES + [""]), SOURCES + [""]):
+        assert len(hyps) == 1 and (hyps[0].text or not line)
+    with pytest.raises(SystemExit):
+        shortlist_module.main(["--model", str(model), "--src", str(tmp_path / "in.txt")])
+    assert "error: give both --src and --tgt" in capsys.readouterr().err
+
+
 def test_ensemble_needs_the_same_vocabularies(model_dir, tmp_path):
     other_tok = train_tokenizer(SOURCES * 20, TokenizerConfig(vocab_size=40))
     foreign = make_model_dir(model_dir, tmp_path / "foreign", tokenizer=other_tok)

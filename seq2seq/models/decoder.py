@@ -24,7 +24,7 @@ from seq2seq.models.cell import rnn_cell_step
 from seq2seq.models.dropout import Dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
-from seq2seq.models.packed import PACKED_LINEAR, pack_weight, packed_linear
+from seq2seq.models.packed import PACKED_LINEAR, LinearRows, pack_weight, packed_linear
 
 
 @dataclass
@@ -88,11 +88,22 @@ class Decoder(nn.Module):
         return {**self.__dict__, "_decoding_cache": {}}
 
     # --- set-up, once per batch ---------------------------------------------------------------
-    def prepare(self, enc: EncoderOutput) -> EncoderOutput:
-        """Add what every step needs but only depends on the source: projected keys, context vector."""
+    def prepare(self, enc: EncoderOutput, vocab: Optional[torch.Tensor] = None) -> EncoderOutput:
+        """Add what every step needs but only depends on the source: projected keys, context vector, and
+        with ``vocab`` (a batch's shortlist [V'], sorted target ids) the output layer cut to those rows."""
         keys = self.attention.project_keys(enc.memory) if self.attention is not None else None
         context = enc.final[-1] if self.attention is None else None
-        return replace(enc, keys=keys, context=context)
+        rows = None
+        if vocab is not None:
+            vocab = vocab.to(enc.memory.device)
+            rows = LinearRows.of(*self._output_parameters(), vocab, PACK_ROWS)
+        return replace(enc, keys=keys, context=context, vocab=vocab, output_rows=rows)
+
+    def _output_parameters(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The output layer's float32 weight [V, D] and bias [V], also where it is int8-quantised."""
+        if isinstance(self.output, nn.Linear):
+            return self.output.weight, self.output.bias
+        return self.output.weight().dequantize(), self.output.bias()
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         layers, batch = self.cfg.dec_layers, enc.memory.size(0)
@@ -260,8 +271,13 @@ class Decoder(nn.Module):
 
     def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
         """prev_tokens [R] -> (logits [R, V], new state, attention [R, S] or None). Pure: writes nothing.
-        state has R rows; enc has R or R / K (K hypotheses per sentence in consecutive rows, see ``_attend``)."""
+        state has R rows; enc has R or R / K (K hypotheses per sentence in consecutive rows, see ``_attend``).
+        With a shortlist (``enc.vocab``), tokens and logits [R, V'] are positions in the batch's vocabulary."""
+        if enc.vocab is not None:
+            prev_tokens = enc.vocab[prev_tokens]
         pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc)
+        if enc.output_rows is not None:
+            return enc.output_rows(self.dropout(pre_output)), state, attn
         return self.project(pre_output), state, attn
 
     # --- the RNN cell, written out so that the embedding's share of layer 0 is one product per batch ---

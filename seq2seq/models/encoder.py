@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -38,6 +38,10 @@ class EncoderOutput:
     final_cell: Optional[torch.Tensor] = None  # [L_enc, B, He] LSTM cell states
     keys: Optional[torch.Tensor] = None  # [B, S, A] attention keys, projected once per batch
     context: Optional[torch.Tensor] = None  # [B, He] fixed context vector (Cho et al. mode)
+    # decoding with a shortlist (seq2seq/shortlist.py): the batch's target vocabulary [V'] (sorted ids; the
+    # step's tokens and logits are positions in it) and the output layer cut to it (packed.LinearRows)
+    vocab: Optional[torch.Tensor] = None
+    output_rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def select(self, index: torch.Tensor) -> "EncoderOutput":
         def pick(t: Optional[torch.Tensor], dim: int = 0) -> Optional[torch.Tensor]:

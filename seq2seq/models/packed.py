@@ -6,6 +6,7 @@ steps (``Decoder._packed_output``). The training loss's chunks gained too little
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,3 +30,26 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
     if rows % PACK_ROW_MULTIPLE:
         x = F.pad(x, (0, 0, 0, -rows % PACK_ROW_MULTIPLE))  # fewer shapes, fewer oneDNN kernels
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
+
+
+@dataclass
+class LinearRows:
+    """Some output rows of a linear layer, cut and prepared once (a batch's shortlist of the output layer):
+    x [..., I] -> float32 [..., len(rows)]. On x86 CPUs the weight is kept in oneDNN's layout."""
+
+    weight: torch.Tensor  # [O', I] float32, or its oneDNN layout where ``packed``
+    bias: Optional[torch.Tensor]  # [O']
+    packed: bool
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor, pack_rows: int) -> "LinearRows":
+        """weight [O, I], bias [O], rows [O'] (indices into O); ``pack_rows`` as in :func:`pack_weight`."""
+        weight = weight.detach()[rows].float().contiguous()
+        bias = None if bias is None else bias.detach()[rows].float().contiguous()
+        packed = PACKED_LINEAR and weight.device.type == "cpu"
+        return cls(pack_weight(weight, pack_rows) if packed else weight, bias, packed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1)).float()  # [R, I]
+        out = packed_linear(flat, self.weight, self.bias) if self.packed else F.linear(flat, self.weight, self.bias)
+        return out.view(*x.shape[:-1], out.size(-1))

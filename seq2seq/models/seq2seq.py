@@ -29,9 +29,10 @@ class Seq2Seq(nn.Module):
                 for embedding in (self.encoder.embedding, self.decoder.embedding):
                     embedding.weight[PAD_ID].zero_()  # padding stays a zero vector
 
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> EncoderOutput:
-        """src [B, S], src_len [B] -> encoder output with attention keys projected."""
-        return self.decoder.prepare(self.encoder(src, src_len))
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor] = None) -> EncoderOutput:
+        """src [B, S], src_len [B] -> encoder output with attention keys projected; ``vocab``: a shortlist
+        of target ids [V'] the steps' logits are cut to (see ``Decoder.prepare``)."""
+        return self.decoder.prepare(self.encoder(src, src_len), vocab)
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         return self.decoder.init_state(enc)
