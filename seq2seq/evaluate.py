@@ -42,6 +42,7 @@ def evaluate(translator: Translator, src: Optional[str] = None, ref: Optional[st
     seconds = time.perf_counter() - start
     refs = [r for _, r in pairs]
     report = {"test_set": name, "sentences": len(pairs), "search": asdict(translator.search_cfg),
+              "shortlist": translator.shortlist is not None,
               "bleu": bleu(hyps, refs).to_dict(), "chrf": chrf(hyps, refs).to_dict(),
               "seconds": round(seconds, 3), "sentences_per_second": round(len(pairs) / max(seconds, 1e-9), 2)}
     out = Path(out_dir) if out_dir else Path(model_dir or ".") / f"eval-{name}"

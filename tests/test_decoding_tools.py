@@ -15,7 +15,7 @@ from seq2seq import tune as tune_module
 from seq2seq.average import average_checkpoints, main as average_main
 from seq2seq.batch import make_batch
 from seq2seq.checkpoint import ModelDirError, load_bundle, save_bundle
-from seq2seq.cli import translate_main
+from seq2seq.cli import evaluate_main, translate_main
 from seq2seq.config import SearchConfig, TokenizerConfig
 from seq2seq.data import load_split
 from seq2seq.ensemble import Ensemble, load_ensemble
@@ -150,6 +150,9 @@ def test_shortlist_is_built_and_used_from_the_command_line(model_dir, tmp_path, 
     translator = Translator.from_dir(model, device="cpu", beam_size=2, shortlist=True)
     for hyps, line in zip(translator.translate(SOURCES + [""]), SOURCES + [""]):
         assert len(hyps) == 1 and (hyps[0].text or not line)
+    evaluate_main(["--model", str(model), "--device", "cpu", "--shortlist", "--src", str(tmp_path / "in.txt"),
+                   "--ref", str(tmp_path / "in.txt"), "--out", str(tmp_path / "eval")])
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["shortlist"] is True
     with pytest.raises(SystemExit):
         shortlist_module.main(["--model", str(model), "--src", str(tmp_path / "in.txt")])
     assert "error: give both --src and --tgt" in capsys.readouterr().err
