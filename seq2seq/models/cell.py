@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.models.dropout import dropout as fast_dropout
+from seq2seq.models.tanh import tanh_
 
 
 def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_gates: torch.Tensor, extra: list,
@@ -36,7 +37,7 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
             in_r, in_z, in_n = gates_in.chunk(3, -1)
             h_r, h_z, h_n = gates_h.chunk(3, -1)
             reset, update = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
-            candidate = torch.tanh(in_n + reset * h_n)
+            candidate = tanh_(in_n + reset * h_n)
             h = candidate + update * (h - candidate)
         elif cell == "lstm":
             i, f, g, o = (gates_in + gates_h).chunk(4, -1)
@@ -44,6 +45,6 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
             h = torch.sigmoid(o) * torch.tanh(c)
             cells.append(c)
         else:
-            h = torch.tanh(gates_in + gates_h)
+            h = tanh_(gates_in + gates_h)
         hiddens.append(h)
     return hiddens[-1], torch.stack(hiddens), torch.stack(cells) if cells else None

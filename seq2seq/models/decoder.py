@@ -25,6 +25,7 @@ from seq2seq.models.dropout import Dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
 from seq2seq.models.packed import PACKED_LINEAR, LinearRows, pack_weight, packed_linear
+from seq2seq.models.tanh import tanh_
 
 
 @dataclass
@@ -266,8 +267,8 @@ class Decoder(nn.Module):
         """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
         parts = [output, context] if self.luong else [output, embedded, context]
         if self.bf16_products:
-            return torch.tanh(self.linear(torch.cat(parts, dim=-1), self.pre_output.weight, self.pre_output.bias))
-        return torch.tanh(self.pre_output(torch.cat(parts, dim=-1)))
+            return tanh_(self.linear(torch.cat(parts, dim=-1), self.pre_output.weight, self.pre_output.bias))
+        return tanh_(self.pre_output(torch.cat(parts, dim=-1)))
 
     def step(self, prev_tokens: torch.Tensor, state: DecoderState, enc: EncoderOutput):
         """prev_tokens [R] -> (logits [R, V], new state, attention [R, S] or None). Pure: writes nothing.
