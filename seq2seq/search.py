@@ -26,7 +26,9 @@ Both rules depend on the sentence alone, so results do not depend on which sente
 
 ``vocab`` (a shortlist, :mod:`seq2seq.shortlist`) cuts the output layer to those target ids [V'], sorted
 and starting with the special tokens, which so keep their ids: the search then runs over positions in
-``vocab`` (constraints included) and maps the hypotheses' tokens back to ids at the end.
+``vocab`` (constraints included) and maps the hypotheses' tokens back to ids at the end. A shortlist is the
+batch's (the union of its sentences' candidates, as Marian's and CTranslate2's are), so with one a sentence's
+translation can depend on the sentences batched with it.
 """
 from __future__ import annotations
 
