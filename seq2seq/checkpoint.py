@@ -4,6 +4,8 @@ A model directory holds everything translate and evaluate need, and nothing that
     model.safetensors   the weights
     config.yaml         the resolved training configuration and the format version
     spm.model           the joint sentencepiece model (or src.spm.model + tgt.spm.model)
+    shortlist.safetensors  optional: the lexical shortlist (seq2seq/shortlist.py); built from the data and
+                        the tokenizers, so saving the directory again keeps it while the tokenizers are the same
 It is written to a temporary directory beside its final place and renamed, so a crash mid-write
 leaves the previous version whole.
 """
@@ -26,6 +28,8 @@ from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.tokenizer import Tokenizer, TokenizerError
 
 FORMAT_VERSION = 1
+SHORTLIST_FILE = "shortlist.safetensors"
+TOKENIZER_FILES = ("spm.model", "src.spm.model", "tgt.spm.model")
 
 
 class ModelDirError(ValueError):
@@ -95,6 +99,8 @@ def save_bundle(directory: str | Path, model: Seq2Seq, config: Config, src_tok: 
         else:
             src_tok.save(staging / "src.spm.model")
             tgt_tok.save(staging / "tgt.spm.model")
+        if (directory / SHORTLIST_FILE).is_file() and _same_tokenizers(directory, staging):
+            shutil.copyfile(directory / SHORTLIST_FILE, staging / SHORTLIST_FILE)
         for f in staging.iterdir():  # make the files durable before the rename publishes them
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -108,6 +114,16 @@ def save_bundle(directory: str | Path, model: Seq2Seq, config: Config, src_tok: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _same_tokenizers(old: Path, new: Path) -> bool:
+    """Whether two model directories hold byte-identical tokenizer files."""
+    for name in TOKENIZER_FILES:
+        if (old / name).is_file() != (new / name).is_file():
+            return False
+        if (new / name).is_file() and (old / name).read_bytes() != (new / name).read_bytes():
+            return False
+    return True
 
 
 def read_meta(directory: str | Path) -> dict:

@@ -27,12 +27,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
-from seq2seq.checkpoint import ModelDirError, atomic_write_bytes
+from seq2seq.checkpoint import SHORTLIST_FILE, ModelDirError, atomic_write_bytes
 from seq2seq.tokenizer import EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 
-SHORTLIST_FILE = "shortlist.safetensors"
 SUBSET_MULTIPLE = 64  # a batch's vocabulary is a multiple of this many tokens (search's block width)
 NULL_ID = PAD_ID  # the NULL source word of IBM Model 1 (padding never occurs inside a source sentence)
 

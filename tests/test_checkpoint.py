@@ -67,6 +67,18 @@ def test_saving_again_replaces_the_directory_whole(saved, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or backup left behind
 
 
+def test_saving_again_keeps_the_shortlist_while_the_tokenizers_are_the_same(saved, tmp_path):
+    _, model, cfg, src_tok, tgt_tok = saved
+    target = tmp_path / "model"
+    save_bundle(target, model, cfg, src_tok, tgt_tok)
+    (target / "shortlist.safetensors").write_bytes(b"a shortlist")
+    save_bundle(target, model, cfg, src_tok, tgt_tok, extra={"step": 7})  # training saves again
+    assert (target / "shortlist.safetensors").read_bytes() == b"a shortlist"
+    other, _ = train_tokenizers(generate_splits(200, 5, 5, seed=3)["train"], cfg.data.tokenizer)
+    save_bundle(target, Seq2Seq(cfg.model, len(other), len(other)), cfg, other, other)  # new vocabularies
+    assert not (target / "shortlist.safetensors").exists()
+
+
 def copy_dir(src, dst):
     dst.mkdir()
     for f in src.iterdir():
