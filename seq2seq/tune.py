@@ -17,12 +17,13 @@ from typing import Optional, Sequence
 
 import yaml
 
-from seq2seq.checkpoint import atomic_write_bytes, load_bundle
+from seq2seq.checkpoint import SHORTLIST_FILE, atomic_write_bytes, load_bundle
 from seq2seq.cli import USER_ERRORS, fail
 from seq2seq.config import SearchConfig
 from seq2seq.data import load_split
 from seq2seq.metrics import bleu
 from seq2seq.runtime import set_decoding_runtime
+from seq2seq.shortlist import Shortlist
 from seq2seq.translate import SEARCH_FILE, Translator, read_search_defaults
 
 
@@ -53,9 +54,14 @@ def grid(beams: Sequence[int], alphas: Sequence[float]) -> list[tuple[int, float
 
 def tune(model_dir: str | Path, beams: Sequence[int] = (1, 3, 5, 10), alphas: Sequence[float] = (0.0, 0.6, 1.0),
          max_sentences: int = 0, device: str = "auto", batch_size: Optional[int] = None,
-         split: Optional[str] = None) -> TuneResult:
-    """Translate the validation split (or ``split``) with every grid point and score it."""
+         split: Optional[str] = None, shortlist: bool = False) -> TuneResult:
+    """Translate the validation split (or ``split``) with every grid point and score it (with ``shortlist``,
+    over the model directory's lexical shortlist, as ``translate --shortlist`` would)."""
     bundle = load_bundle(model_dir)
+    lexical = None
+    if shortlist:
+        lexical = Shortlist.load(Path(model_dir) / SHORTLIST_FILE, len(bundle.src_tokenizer),
+                                 len(bundle.tgt_tokenizer))
     defaults = read_search_defaults(model_dir, bundle.config.search)
     pairs = load_split(bundle.config.data, split or bundle.config.data.valid_split)
     if max_sentences:
@@ -64,7 +70,7 @@ def tune(model_dir: str | Path, beams: Sequence[int] = (1, 3, 5, 10), alphas: Se
     trials = []
     for beam, alpha in grid(beams, alphas):
         cfg = replace(defaults, beam_size=beam, alpha=alpha, batch_size=batch_size or defaults.batch_size)
-        translator = Translator(bundle, cfg, device)
+        translator = Translator(bundle, cfg, device, shortlist=lexical)
         start = time.perf_counter()
         hyps = [nbest[0].text for nbest in translator.translate(sources)]
         seconds = time.perf_counter() - start
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--shortlist", action="store_true", help="decode over the model's lexical shortlist")
     parser.add_argument("--save", action="store_true", help=f"write the best settings to MODEL/{SEARCH_FILE}")
     args = parser.parse_args(argv)
     beams, alphas = parse_list(args.beams, int, "beams"), parse_list(args.alphas, float, "alphas")
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         fail("--max-sentences must be >= 0 and --batch-size >= 1")
     set_decoding_runtime(args.threads)
     try:
-        result = tune(args.model, beams, alphas, args.max_sentences, args.device, args.batch_size, args.split)
+        result = tune(args.model, beams, alphas, args.max_sentences, args.device, args.batch_size, args.split,
+                      args.shortlist)
     except USER_ERRORS as err:
         fail(str(err))
     print(format_table(result))

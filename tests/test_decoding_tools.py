@@ -23,6 +23,7 @@ from seq2seq.metrics import Score
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.scoring import main as score_main, token_log_probs
 from seq2seq.search import max_lengths, search
+from seq2seq.shortlist import main as shortlist_main
 from seq2seq.tokenizer import BOS_ID, EOS_ID, train_tokenizer
 from seq2seq.train import train
 from seq2seq.translate import Translator
@@ -328,3 +329,10 @@ def test_tune_command_saves_search_yaml(model_dir, tmp_path, capsys):
     assert "<- best" in out and "best: beam" in out
     saved = (model / "search.yaml").read_text()
     assert "beam_size:" in saved and "!!python" not in saved
+    args = ["--model", str(model), "--beams", "1,2", "--alphas", "0", "--max-sentences", "4", "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        tune_module.main([*args, "--shortlist"])
+    assert "no shortlist; build one with" in capsys.readouterr().err
+    shortlist_main(["--model", str(model)])
+    tune_module.main([*args, "--shortlist"])
+    assert "best: beam" in capsys.readouterr().out

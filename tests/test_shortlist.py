@@ -155,10 +155,15 @@ def test_decoding_over_a_shortlist_keeps_to_it_and_to_the_constraints(beam):
         decode(model, batch, torch.arange(4, 100))
 
 
-def test_an_int8_model_decodes_over_a_shortlist():
+@pytest.mark.parametrize("variant", ["int8", "bf16"])
+def test_int8_and_bf16_models_decode_over_a_shortlist(variant):
     model, batch = make_model(vocab=256), random_sources(4, vocab=256)
     vocab = torch.cat([torch.arange(4), torch.arange(64, 124)])
-    found = decode(quantize_int8(model), batch, vocab, beam_size=2)
+    if variant == "int8":
+        model = quantize_int8(model)
+    else:
+        model.decoder.bf16_products = True
+    found = decode(model, batch, vocab, beam_size=2)
     assert all(set(h.tokens) <= set(vocab.tolist()) for hyps in found for h in hyps)
 
 
