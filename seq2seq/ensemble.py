@@ -60,10 +60,10 @@ class Ensemble(nn.Module):
         """True when every member attends (only then is there an average attention to return)."""
         return all(m.cfg.attention != "none" for m in self.models)
 
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor,
-               vocab: Optional[torch.Tensor] = None) -> EnsembleEncoderOutput:
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor] = None,
+               allowed: Optional[torch.Tensor] = None) -> EnsembleEncoderOutput:
         """src [B, S], src_len [B] -> each member's encoder output (each cut to the shortlist ``vocab``)."""
-        return EnsembleEncoderOutput(tuple(m.encode(src, src_len, vocab) for m in self.models))
+        return EnsembleEncoderOutput(tuple(m.encode(src, src_len, vocab, allowed) for m in self.models))
 
     def init_state(self, enc: EnsembleEncoderOutput) -> EnsembleState:
         return EnsembleState(tuple(m.init_state(e) for m, e in zip(self.models, enc.parts)))

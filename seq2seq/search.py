@@ -26,9 +26,10 @@ Both rules depend on the sentence alone, so results do not depend on which sente
 
 ``vocab`` (a shortlist, :mod:`seq2seq.shortlist`) cuts the output layer to those target ids [V'], sorted
 and starting with the special tokens, which so keep their ids: the search then runs over positions in
-``vocab`` (constraints included) and maps the hypotheses' tokens back to ids at the end. A shortlist is the
-batch's (the union of its sentences' candidates, as Marian's and CTranslate2's are), so with one a sentence's
-translation can depend on the sentences batched with it.
+``vocab`` (constraints included) and maps the hypotheses' tokens back to ids at the end. ``vocab`` is the
+batch's (the union of its sentences' shortlists); ``allowed`` [B, V'] keeps each sentence to its own, so that
+its translation does not depend on the sentences batched with it (without it, as in Marian and CTranslate2,
+it can).
 """
 from __future__ import annotations
 
@@ -104,13 +105,16 @@ def ban_tokens(log_probs: torch.Tensor, history: torch.Tensor, cfg: SearchConfig
     return log_probs
 
 
-def _encode(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor]):
+def _encode(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor],
+            allowed: Optional[torch.Tensor] = None):
     if vocab is None:
         return model.encode(src, src_len)
     specials = torch.arange(EOS_ID + 1)
     if vocab.dim() != 1 or vocab.numel() <= EOS_ID or not torch.equal(vocab[: EOS_ID + 1].cpu(), specials):
         raise ValueError("a shortlist vocabulary is a 1-D tensor of sorted ids that starts with the special ids 0-3")
-    return model.encode(src, src_len, vocab)
+    if allowed is not None and (allowed.shape != (src.size(0), vocab.numel()) or not allowed[:, : EOS_ID + 1].all()):
+        raise ValueError("allowed is a [batch, len(vocab)] mask that allows the special ids 0-3")
+    return model.encode(src, src_len, vocab, allowed)
 
 
 def _to_ids(found: list[list[Hypothesis]], vocab: Optional[torch.Tensor]) -> list[list[Hypothesis]]:
@@ -125,10 +129,11 @@ def _to_ids(found: list[list[Hypothesis]], vocab: Optional[torch.Tensor]) -> lis
 
 @torch.no_grad()
 def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig,
-                  return_attention: bool = False, vocab: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
+                  return_attention: bool = False, vocab: Optional[torch.Tensor] = None,
+                  allowed: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
     """Pick the most probable allowed token at each step; one hypothesis per sentence."""
     batch_size = src.size(0)
-    enc = _encode(model, src, src_len, vocab)
+    enc = _encode(model, src, src_len, vocab, allowed)
     state = model.init_state(enc)
     limit = max_lengths(src_len, cfg)
     active = torch.arange(batch_size, device=src.device)  # original positions of the live sentences
@@ -246,7 +251,8 @@ def _live_positions(cand_tokens: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig, n_best: int = 1,
-                return_attention: bool = False, vocab: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
+                return_attention: bool = False, vocab: Optional[torch.Tensor] = None,
+                allowed: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
     """Batched beam search of width K = cfg.beam_size with the GNMT length penalty cfg.alpha.
 
     Returns, per sentence, its min(n_best, found) (at least 1) best hypotheses by normalized score.
@@ -256,7 +262,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     batch, k, device = src.size(0), cfg.beam_size, src.device
     keep = n_best  # finished hypotheses kept per sentence; the stopping rule waits for this many
     penalty = penalty_of(cfg)
-    enc = _encode(model, src, src_len, vocab)
+    enc = _encode(model, src, src_len, vocab, allowed)
     beams = torch.arange(batch, device=device).repeat_interleave(k)  # [B*K] sentence of each row
     state = model.init_state(enc).select(beams)  # enc stays one row per sentence (see Decoder.step)
     limits, lengths = max_lengths(src_len, cfg).tolist(), src_len.tolist()
@@ -355,9 +361,12 @@ def _finish_sentences(active: list[int], found: list[list[Hypothesis]], scores: 
 
 @torch.no_grad()
 def search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConfig, n_best: int = 1,
-           return_attention: bool = False, vocab: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
+           return_attention: bool = False, vocab: Optional[torch.Tensor] = None,
+           allowed: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
     """Decode a batch: greedy for beam size 1, else beam search. Returns n-best lists, best first.
-    ``vocab``: a shortlist of target ids [V'] to decode over (see the module's docstring)."""
+    ``vocab``: a shortlist of target ids [V'] to decode over, ``allowed`` [B, V'] each sentence's part of
+    it (see the module's docstring)."""
     if cfg.beam_size == 1:
-        return greedy_search(model, src, src_len, cfg, return_attention, vocab)
-    return beam_search(model, src, src_len, cfg, n_best=n_best, return_attention=return_attention, vocab=vocab)
+        return greedy_search(model, src, src_len, cfg, return_attention, vocab, allowed)
+    return beam_search(model, src, src_len, cfg, n_best=n_best, return_attention=return_attention, vocab=vocab,
+                       allowed=allowed)

@@ -7,10 +7,12 @@ with IBM Model 1 (EM over the training pairs, a NULL source word for tokens that
 :class:`Shortlist` keeps, per source token, its ``candidates`` most probable target tokens, plus the
 ``frequent`` most frequent target tokens and NULL's candidates. For a batch, :meth:`Shortlist.vocabulary`
 is the union of those, sorted (so the special tokens keep their ids), topped up with the next most frequent
-tokens to a multiple of 64 (the block width of beam search's candidate selection).
+tokens to a multiple of 64 (the block width of beam search's candidate selection), and
+:meth:`Shortlist.allowed` is each sentence's own part of it.
 
-Decoding then computes logits and the softmax over that subset only (``search(..., vocab=)``): the same
-model, with probabilities renormalised over the subset. Its BLEU cost and speed are in the README.
+Decoding then computes logits over that subset only (``search(..., vocab=, allowed=)``) and each sentence's
+softmax over its own part: the same model, with probabilities renormalised over the sentence's shortlist,
+so that a translation does not depend on its batch. Its BLEU cost and speed are in the README.
 
 ``seq2seq-shortlist --model DIR [--src FILE --tgt FILE]`` builds ``DIR/shortlist.safetensors`` from the
 model's training data (or the given files); ``seq2seq-translate --shortlist`` uses it.
@@ -119,6 +121,19 @@ class Shortlist:
         top_up = self.by_frequency[~chosen[self.by_frequency]][: size - int(chosen.sum())]
         chosen[top_up] = True
         return chosen.nonzero().squeeze(1)
+
+    def allowed(self, src: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+        """Source ids [B, S] and their batch's ``vocabulary`` [V'] -> [B, V'] bool: each sentence's own shortlist
+        (the special and frequent tokens, NULL's and its tokens' candidates; not the batch's top-up)."""
+        tgt_vocab = self.by_frequency.numel()
+        common = torch.zeros(tgt_vocab, dtype=torch.bool)
+        common[: EOS_ID + 1] = True
+        common[self.by_frequency[: self.frequent]] = True
+        common[self.candidates[NULL_ID]] = True
+        src = src.cpu()
+        own = common.repeat(src.size(0), 1)  # [B, V]
+        own.scatter_(1, self.candidates[src].reshape(src.size(0), -1), True)
+        return own[:, vocab.cpu()]
 
     def save(self, path: str | Path) -> None:
         tensors = {"candidates": self.candidates.contiguous(), "by_frequency": self.by_frequency.contiguous()}

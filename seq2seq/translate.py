@@ -134,10 +134,13 @@ class Translator:
 
         def search_batch(group: list[int]) -> list[list[Hypothesis]]:
             batch = make_batch([ids[g] for g in group])
-            vocab = self.shortlist.vocabulary(batch.src) if self.shortlist is not None else None
+            vocab = allowed = None
+            if self.shortlist is not None:
+                vocab = self.shortlist.vocabulary(batch.src)
+                allowed = self.shortlist.allowed(batch.src, vocab)
             batch = batch.to(self.device)
             return search(self.model, batch.src, batch.src_len, self.search_cfg, n_best=n_best,
-                          return_attention=return_attention, vocab=vocab)
+                          return_attention=return_attention, vocab=vocab, allowed=allowed)
 
         groups = list(sentence_batches([len(s) for s in ids], self.search_cfg.batch_size))
         for group, hyps in zip(groups, self._map(search_batch, groups)):

@@ -136,11 +136,11 @@ def test_shortlist_is_built_and_used_from_the_command_line(model_dir, tmp_path, 
     assert f"error: {model / 'shortlist.safetensors'}: no shortlist; build one with" in capsys.readouterr().err
     shortlist_module.main(["--model", str(model)])  # from the model's training split (the built-in corpus)
     assert "shortlist.safetensors" in capsys.readouterr().out
-    # every batch gets the 100 most frequent target tokens, topped up to 128: all 120 of the built-in corpus's,
-    # which decodes exactly as without a shortlist
-    for name, extra in (("plain", []), ("cut", ["--shortlist"])):
-        translate_main([*args, *extra, "--output", str(tmp_path / f"{name}.txt")])
-    assert (tmp_path / "cut.txt").read_text() == (tmp_path / "plain.txt").read_text()
+    # each sentence keeps to its own shortlist: the same translations one by one as in one batch
+    for name, extra in (("batch", []), ("alone", ["--batch-size", "1"])):
+        translate_main([*args, *extra, "--shortlist", "--output", str(tmp_path / f"{name}.txt")])
+    assert (tmp_path / "alone.txt").read_text() == (tmp_path / "batch.txt").read_text()
+    assert len((tmp_path / "batch.txt").read_text().split("\n")) == len(SOURCES) + 2
     # a real cut: the target vocabulary of each batch shrinks, and every line still gets its one output line
     monkeypatch.setattr(shortlist_module, "SUBSET_MULTIPLE", 8)
     bundle = load_bundle(model)

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from seq2seq.batch import make_batch
 from seq2seq.checkpoint import ModelDirError
 from seq2seq.config import SearchConfig
 from seq2seq.runtime import quantize_int8
@@ -87,9 +88,10 @@ def test_save_and_load_round_trip_and_errors(tmp_path):
 
 
 # --- decoding over a shortlist ---------------------------------------------------------------------
-def decode(model, batch, vocab=None, **cfg):
+def decode(model, batch, vocab=None, allowed=None, **cfg):
     cfg = SearchConfig(**{"max_len_a": 1.0, "max_len_b": 4, **cfg})
-    return search(model, batch.src, batch.src_len, cfg, n_best=cfg.beam_size, return_attention=True, vocab=vocab)
+    return search(model, batch.src, batch.src_len, cfg, n_best=cfg.beam_size, return_attention=True, vocab=vocab,
+                  allowed=allowed)
 
 
 @pytest.mark.parametrize("beam", [1, 3])
@@ -177,3 +179,24 @@ def test_an_ensemble_decodes_over_a_shortlist():
     vocab = torch.cat([torch.arange(4), torch.arange(64, 124)])
     assert all(set(h.tokens) <= set(vocab.tolist()) for hyps in decode(ensemble, batch, vocab, beam_size=2)
                for h in hyps)
+
+
+def test_each_sentence_keeps_to_its_own_shortlist_whatever_its_batch():
+    """With ``allowed``, a sentence decodes as it would alone (or in any other batch)."""
+    model, batch = make_model(vocab=256, eos_bias=1.0), random_sources(6, vocab=256)
+    shortlist = make_shortlist(k=4, frequent=8)
+    vocab = shortlist.vocabulary(batch.src)
+    allowed = shortlist.allowed(batch.src, vocab)
+    assert allowed[:, :4].all() and not allowed.all()  # the batch's vocabulary is more than each sentence's
+    for beam in (1, 3):
+        together = decode(model, batch, vocab, beam_size=beam, allowed=allowed)
+        for i in range(6):
+            alone = make_batch([batch.src[i, : int(batch.src_len[i])].tolist()])
+            own = shortlist.vocabulary(alone.src)
+            found = decode(model, alone, own, beam_size=beam, allowed=shortlist.allowed(alone.src, own))
+            assert [h.tokens for h in found[0]] == [h.tokens for h in together[i]]
+            assert [h.score for h in found[0]] == pytest.approx([h.score for h in together[i]], abs=1e-4)
+            own_tokens = set(own[shortlist.allowed(alone.src, own)[0]].tolist())
+            assert all(set(h.tokens) <= own_tokens for h in together[i])
+    with pytest.raises(ValueError, match="allows the special ids"):
+        decode(model, batch, vocab, allowed=torch.zeros_like(allowed))

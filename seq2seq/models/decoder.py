@@ -89,16 +89,21 @@ class Decoder(nn.Module):
         return {**self.__dict__, "_decoding_cache": {}}
 
     # --- set-up, once per batch ---------------------------------------------------------------
-    def prepare(self, enc: EncoderOutput, vocab: Optional[torch.Tensor] = None) -> EncoderOutput:
+    def prepare(self, enc: EncoderOutput, vocab: Optional[torch.Tensor] = None,
+                allowed: Optional[torch.Tensor] = None) -> EncoderOutput:
         """Add what every step needs but only depends on the source: projected keys, context vector, and
-        with ``vocab`` (a batch's shortlist [V'], sorted target ids) the output layer cut to those rows."""
+        with ``vocab`` (a batch's shortlist [V'], sorted target ids) the output layer cut to those rows;
+        ``allowed`` [B, V'] (bool) limits each sentence to its own part of them."""
         keys = self.attention.project_keys(enc.memory) if self.attention is not None else None
         context = enc.final[-1] if self.attention is None else None
-        rows = None
+        rows = bias = None
         if vocab is not None:
             vocab = vocab.to(enc.memory.device)
             rows = LinearRows.of(*self._output_parameters(), vocab, PACK_ROWS)
-        return replace(enc, keys=keys, context=context, vocab=vocab, output_rows=rows)
+        if allowed is not None:
+            bias = torch.zeros(allowed.shape, device=enc.memory.device).masked_fill_(
+                ~allowed.to(enc.memory.device), float("-inf"))  # [B, V']
+        return replace(enc, keys=keys, context=context, vocab=vocab, output_rows=rows, vocab_bias=bias)
 
     def _output_parameters(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The output layer's float32 weight [V, D] and bias [V], also where it is int8-quantised."""
@@ -277,9 +282,12 @@ class Decoder(nn.Module):
         if enc.vocab is not None:
             prev_tokens = enc.vocab[prev_tokens]
         pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc)
-        if enc.output_rows is not None:
-            return enc.output_rows(self.dropout(pre_output)), state, attn
-        return self.project(pre_output), state, attn
+        if enc.output_rows is None:
+            return self.project(pre_output), state, attn
+        logits = enc.output_rows(self.dropout(pre_output))  # [R, V']
+        if enc.vocab_bias is not None:  # each sentence's own shortlist; R = B or B * K (see _attend)
+            logits.view(enc.vocab_bias.size(0), -1, logits.size(-1)).add_(enc.vocab_bias[:, None, :])
+        return logits, state, attn
 
     # --- the RNN cell, written out so that the embedding's share of layer 0 is one product per batch ---
     @property

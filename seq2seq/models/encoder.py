@@ -39,16 +39,19 @@ class EncoderOutput:
     keys: Optional[torch.Tensor] = None  # [B, S, A] attention keys, projected once per batch
     context: Optional[torch.Tensor] = None  # [B, He] fixed context vector (Cho et al. mode)
     # decoding with a shortlist (seq2seq/shortlist.py): the batch's target vocabulary [V'] (sorted ids; the
-    # step's tokens and logits are positions in it) and the output layer cut to it (packed.LinearRows)
+    # step's tokens and logits are positions in it), the output layer cut to it (packed.LinearRows), and
+    # [B, V'] 0 / -inf: each sentence's own part of it
     vocab: Optional[torch.Tensor] = None
     output_rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    vocab_bias: Optional[torch.Tensor] = None
 
     def select(self, index: torch.Tensor) -> "EncoderOutput":
         def pick(t: Optional[torch.Tensor], dim: int = 0) -> Optional[torch.Tensor]:
             return None if t is None else t.index_select(dim, index)
 
         return replace(self, memory=pick(self.memory), mask=pick(self.mask), final=pick(self.final, 1),
-                       final_cell=pick(self.final_cell, 1), keys=pick(self.keys), context=pick(self.context))
+                       final_cell=pick(self.final_cell, 1), keys=pick(self.keys), context=pick(self.context),
+                       vocab_bias=pick(self.vocab_bias))
 
 
 class Encoder(nn.Module):

@@ -29,10 +29,11 @@ class Seq2Seq(nn.Module):
                 for embedding in (self.encoder.embedding, self.decoder.embedding):
                     embedding.weight[PAD_ID].zero_()  # padding stays a zero vector
 
-    def encode(self, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor] = None) -> EncoderOutput:
+    def encode(self, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor] = None,
+               allowed: Optional[torch.Tensor] = None) -> EncoderOutput:
         """src [B, S], src_len [B] -> encoder output with attention keys projected; ``vocab``: a shortlist
-        of target ids [V'] the steps' logits are cut to (see ``Decoder.prepare``)."""
-        return self.decoder.prepare(self.encoder(src, src_len), vocab)
+        of target ids [V'] the steps' logits are cut to, ``allowed`` [B, V'] (see ``Decoder.prepare``)."""
+        return self.decoder.prepare(self.encoder(src, src_len), vocab, allowed)
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         return self.decoder.init_state(enc)
