@@ -108,6 +108,8 @@ def ban_tokens(log_probs: torch.Tensor, history: torch.Tensor, cfg: SearchConfig
 def _encode(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor],
             allowed: Optional[torch.Tensor] = None):
     if vocab is None:
+        if allowed is not None:
+            raise ValueError("allowed needs the batch's vocab (seq2seq.shortlist)")
         return model.encode(src, src_len)
     specials = torch.arange(EOS_ID + 1)
     if vocab.dim() != 1 or vocab.numel() <= EOS_ID or not torch.equal(vocab[: EOS_ID + 1].cpu(), specials):

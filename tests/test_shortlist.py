@@ -200,3 +200,5 @@ def test_each_sentence_keeps_to_its_own_shortlist_whatever_its_batch():
             assert all(set(h.tokens) <= own_tokens for h in together[i])
     with pytest.raises(ValueError, match="allows the special ids"):
         decode(model, batch, vocab, allowed=torch.zeros_like(allowed))
+    with pytest.raises(ValueError, match="allowed needs the batch's vocab"):
+        decode(model, batch, allowed=allowed)
