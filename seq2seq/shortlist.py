@@ -105,35 +105,38 @@ class Shortlist:
         by_frequency = torch.bincount(tokens, minlength=tgt_vocab).argsort(descending=True, stable=True)
         return cls(table, by_frequency, frequent)
 
-    def vocabulary(self, src: torch.Tensor) -> torch.Tensor:
-        """Source ids [B, S] (any shape, padding included) -> the batch's target vocabulary [V'], sorted
-        ascending: the special tokens (ids 0-3), the frequent tokens, NULL's and every source token's
-        candidates, topped up with the next most frequent tokens to a multiple of SUBSET_MULTIPLE."""
-        tgt_vocab = self.by_frequency.numel()
-        chosen = torch.zeros(tgt_vocab, dtype=torch.bool)
-        chosen[: EOS_ID + 1] = True
-        chosen[self.by_frequency[: self.frequent]] = True
-        chosen[self.candidates[NULL_ID]] = True
-        chosen[self.candidates[src.reshape(-1).cpu()].reshape(-1)] = True
-        size = -(-int(chosen.sum()) // SUBSET_MULTIPLE) * SUBSET_MULTIPLE
-        if size >= tgt_vocab:
-            return torch.arange(tgt_vocab)
-        top_up = self.by_frequency[~chosen[self.by_frequency]][: size - int(chosen.sum())]
-        chosen[top_up] = True
-        return chosen.nonzero().squeeze(1)
-
-    def allowed(self, src: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
-        """Source ids [B, S] and their batch's ``vocabulary`` [V'] -> [B, V'] bool: each sentence's own shortlist
-        (the special and frequent tokens, NULL's and its tokens' candidates; not the batch's top-up)."""
-        tgt_vocab = self.by_frequency.numel()
-        common = torch.zeros(tgt_vocab, dtype=torch.bool)
+    def sentence_sets(self, src: torch.Tensor) -> torch.Tensor:
+        """Source ids [B, S] (padding included; 1-D: one sentence) -> [B, target vocabulary] bool, each sentence's
+        own shortlist: the special tokens (ids 0-3), the frequent tokens, NULL's and its tokens' candidates."""
+        src = src.cpu().reshape(src.size(0) if src.dim() > 1 else 1, -1)
+        common = torch.zeros(self.by_frequency.numel(), dtype=torch.bool)
         common[: EOS_ID + 1] = True
         common[self.by_frequency[: self.frequent]] = True
         common[self.candidates[NULL_ID]] = True
-        src = src.cpu()
         own = common.repeat(src.size(0), 1)  # [B, V]
-        own.scatter_(1, self.candidates[src].reshape(src.size(0), -1), True)
-        return own[:, vocab.cpu()]
+        return own.scatter_(1, self.candidates[src].reshape(src.size(0), -1), True)
+
+    def for_batch(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source ids [B, S] -> (the batch's vocabulary [V'], sorted ascending: the union of its sentences'
+        shortlists topped up with the next most frequent tokens to a multiple of SUBSET_MULTIPLE; and [B, V']
+        bool, each sentence's own part of it)."""
+        own = self.sentence_sets(src)
+        chosen = own.any(0)
+        tgt_vocab = chosen.numel()
+        size = -(-int(chosen.sum()) // SUBSET_MULTIPLE) * SUBSET_MULTIPLE
+        if size >= tgt_vocab:
+            return torch.arange(tgt_vocab), own
+        chosen[self.by_frequency[~chosen[self.by_frequency]][: size - int(chosen.sum())]] = True
+        vocab = chosen.nonzero().squeeze(1)
+        return vocab, own[:, vocab]
+
+    def vocabulary(self, src: torch.Tensor) -> torch.Tensor:
+        """The batch's vocabulary [V'] of :meth:`for_batch`."""
+        return self.for_batch(src)[0]
+
+    def allowed(self, src: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+        """[B, V'] bool: each sentence's own shortlist within the batch's ``vocab`` (see :meth:`for_batch`)."""
+        return self.sentence_sets(src)[:, vocab.cpu()]
 
     def save(self, path: str | Path) -> None:
         tensors = {"candidates": self.candidates.contiguous(), "by_frequency": self.by_frequency.contiguous()}

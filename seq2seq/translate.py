@@ -136,8 +136,7 @@ class Translator:
             batch = make_batch([ids[g] for g in group])
             vocab = allowed = None
             if self.shortlist is not None:
-                vocab = self.shortlist.vocabulary(batch.src)
-                allowed = self.shortlist.allowed(batch.src, vocab)
+                vocab, allowed = self.shortlist.for_batch(batch.src)
             batch = batch.to(self.device)
             return search(self.model, batch.src, batch.src_len, self.search_cfg, n_best=n_best,
                           return_attention=return_attention, vocab=vocab, allowed=allowed)
