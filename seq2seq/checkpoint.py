@@ -6,6 +6,8 @@ A model directory holds everything translate and evaluate need, and nothing that
     spm.model           the joint sentencepiece model (or src.spm.model + tgt.spm.model)
     shortlist.safetensors  optional: the lexical shortlist (seq2seq/shortlist.py); built from the data and
                         the tokenizers, so saving the directory again keeps it while the tokenizers are the same
+    search.yaml         optional: default search settings (seq2seq-tune --save)
+Saving a directory again keeps whatever else it holds (search.yaml, a user's notes).
 It is written to a temporary directory beside its final place and renamed, so a crash mid-write
 leaves the previous version whole.
 """
@@ -99,11 +101,12 @@ def save_bundle(directory: str | Path, model: Seq2Seq, config: Config, src_tok: 
         else:
             src_tok.save(staging / "src.spm.model")
             tgt_tok.save(staging / "tgt.spm.model")
-        if (directory / SHORTLIST_FILE).is_file() and _same_tokenizers(directory, staging):
-            shutil.copyfile(directory / SHORTLIST_FILE, staging / SHORTLIST_FILE)
-        for f in staging.iterdir():  # make the files durable before the rename publishes them
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+        if directory.is_dir():
+            _carry_over(directory, staging)
+        for f in staging.rglob("*"):  # make the files durable before the rename publishes them
+            if f.is_file() and not f.is_symlink():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -114,6 +117,22 @@ def save_bundle(directory: str | Path, model: Seq2Seq, config: Config, src_tok: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy into ``new`` what the old directory holds beside the files a save writes: tune's search.yaml, a
+    user's notes, anything else (so saving again never deletes them). The shortlist only while the tokenizers
+    are byte-identical: it is built from them, and a new vocabulary would make it wrong."""
+    same_tokenizers = _same_tokenizers(old, new)
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or entry.name in TOKENIZER_FILES:
+            continue
+        if entry.name == SHORTLIST_FILE and not same_tokenizers:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _same_tokenizers(old: Path, new: Path) -> bool:

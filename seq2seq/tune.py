@@ -54,9 +54,10 @@ def grid(beams: Sequence[int], alphas: Sequence[float]) -> list[tuple[int, float
 
 def tune(model_dir: str | Path, beams: Sequence[int] = (1, 3, 5, 10), alphas: Sequence[float] = (0.0, 0.6, 1.0),
          max_sentences: int = 0, device: str = "auto", batch_size: Optional[int] = None,
-         split: Optional[str] = None, shortlist: bool = False) -> TuneResult:
+         split: Optional[str] = None, shortlist: bool = False, workers: int = 1) -> TuneResult:
     """Translate the validation split (or ``split``) with every grid point and score it (with ``shortlist``,
-    over the model directory's lexical shortlist, as ``translate --shortlist`` would)."""
+    over the model directory's lexical shortlist, as ``translate --shortlist`` would; ``workers`` as
+    translate's: the same translations, batches side by side)."""
     bundle = load_bundle(model_dir)
     lexical = None
     if shortlist:
@@ -70,7 +71,7 @@ def tune(model_dir: str | Path, beams: Sequence[int] = (1, 3, 5, 10), alphas: Se
     trials = []
     for beam, alpha in grid(beams, alphas):
         cfg = replace(defaults, beam_size=beam, alpha=alpha, batch_size=batch_size or defaults.batch_size)
-        translator = Translator(bundle, cfg, device, shortlist=lexical)
+        translator = Translator(bundle, cfg, device, workers=workers, shortlist=lexical)
         start = time.perf_counter()
         hyps = [nbest[0].text for nbest in translator.translate(sources)]
         seconds = time.perf_counter() - start
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="CPU: translate this many batches side by side, each on --threads / N threads")
     parser.add_argument("--shortlist", action="store_true", help="decode over the model's lexical shortlist")
     parser.add_argument("--save", action="store_true", help=f"write the best settings to MODEL/{SEARCH_FILE}")
     args = parser.parse_args(argv)
@@ -123,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         fail("beam sizes must be at least 1 and alphas at least 0")
     if args.max_sentences < 0 or (args.batch_size is not None and args.batch_size < 1):
         fail("--max-sentences must be >= 0 and --batch-size >= 1")
-    set_decoding_runtime(args.threads)
+    set_decoding_runtime(args.threads, args.workers)
     try:
         result = tune(args.model, beams, alphas, args.max_sentences, args.device, args.batch_size, args.split,
-                      args.shortlist)
+                      args.shortlist, args.workers)
     except USER_ERRORS as err:
         fail(str(err))
     print(format_table(result))

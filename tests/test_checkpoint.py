@@ -79,6 +79,29 @@ def test_saving_again_keeps_the_shortlist_while_the_tokenizers_are_the_same(save
     assert not (target / "shortlist.safetensors").exists()
 
 
+def test_saving_again_keeps_search_settings_and_other_files(saved, tmp_path):
+    """tune --save writes search.yaml into a model directory; training that saves it again must not delete it."""
+    _, model, cfg, src_tok, tgt_tok = saved
+    target = tmp_path / "model"
+    save_bundle(target, model, cfg, src_tok, tgt_tok)
+    (target / "search.yaml").write_text("beam_size: 3\n")
+    (target / "notes").mkdir()
+    (target / "notes" / "README").write_text("trained on my data")
+    (target / "config.yaml").write_text("stale")  # a file the save writes is written anew, not carried
+    save_bundle(target, model, cfg, src_tok, tgt_tok, extra={"step": 7})
+    assert (target / "search.yaml").read_text() == "beam_size: 3\n"
+    assert (target / "notes" / "README").read_text() == "trained on my data"
+    assert yaml.safe_load((target / "config.yaml").read_text())["step"] == 7
+    other, _ = train_tokenizers(generate_splits(200, 5, 5, seed=3)["train"], cfg.data.tokenizer)
+    save_bundle(target, Seq2Seq(cfg.model, len(other), len(other)), cfg, other, other)  # new vocabularies
+    assert (target / "search.yaml").exists()
+    separate = Seq2Seq(cfg.model, len(src_tok), len(other))
+    save_bundle(target, separate, cfg, src_tok, other)  # now two tokenizer files: the joint one is not carried
+    assert sorted(p.name for p in target.iterdir()) == ["config.yaml", "model.safetensors", "notes",
+                                                        "search.yaml", "src.spm.model", "tgt.spm.model"]
+    assert load_bundle(target).tgt_tokenizer is not load_bundle(target).src_tokenizer
+
+
 def copy_dir(src, dst):
     dst.mkdir()
     for f in src.iterdir():

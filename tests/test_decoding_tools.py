@@ -321,6 +321,19 @@ def test_tuning_picks_the_best_and_translator_uses_it(model_dir, tmp_path, monke
         Translator.from_dir(model, device="cpu")
 
 
+def test_tuning_with_workers_scores_the_same_translations(model_dir, monkeypatch, capsys):
+    scored, pools = [], []
+    monkeypatch.setattr(tune_module, "bleu", lambda hyps, refs: scored.append(hyps) or Score("BLEU", 1.0, "", ""))
+    real_map = Translator._map
+    monkeypatch.setattr(Translator, "_map", lambda self, *a: (real_map(self, *a), pools.append(self._pool))[0])
+    for workers in (1, 2):
+        tune(model_dir, beams=(1, 2), alphas=(0.0,), max_sentences=9, device="cpu", batch_size=2, workers=workers)
+    assert pools[-1] is not None and scored[:2] == scored[2:] and any(any(h) for h in scored)  # pool: 2 workers
+    with pytest.raises(SystemExit):
+        tune_module.main(["--model", str(model_dir), "--device", "cpu", "--workers", "0"])
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
 def test_tune_command_saves_search_yaml(model_dir, tmp_path, capsys):
     model = shutil.copytree(model_dir, tmp_path / "model")
     tune_module.main(["--model", str(model), "--beams", "1,2", "--alphas", "0,1", "--max-sentences", "4",
