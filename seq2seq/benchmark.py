@@ -80,12 +80,12 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
     from seq2seq.batch import make_batch, token_batches
     from seq2seq.data import load_split
     from seq2seq.models.seq2seq import Seq2Seq
-    from seq2seq.runtime import set_seed, set_threads
+    from seq2seq.runtime import set_seed, set_training_runtime
     from seq2seq.tokenizer import train_tokenizers
     from seq2seq.train import build_optimizer, encode_pairs, train_step, use_precision
 
     cfg = compose(overrides)
-    set_threads(threads)
+    set_training_runtime(threads, cfg.trainer.precision, torch.device(device))
     set_seed(cfg.trainer.seed)
     pairs = load_split(cfg.data, cfg.data.train_split)
     src_tok, tgt_tok = train_tokenizers(pairs, cfg.data.tokenizer)

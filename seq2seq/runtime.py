@@ -96,9 +96,9 @@ def keep_freed_memory() -> bool:
     page (62,000 faults over ten bf16 output-layer steps of beam 5, none with the blocks kept; tests).
     Decoding calls this (``set_decoding_runtime``): beam 5 on test2016 (bf16, batch 64) ran 413 and 399
     sent/s against 326 and 312, at the same peak memory (``scripts/benchmark.py``, runs alternated).
-    Training does not: 10,487 and 10,104 target tokens/s against 11,111 and 10,589 without. Memory freed
-    at the top of the heap is returned beyond 512 MiB. Returns whether it applied (glibc only; the
-    environment's MALLOC_MMAP_THRESHOLD_ wins where set).
+    Training calls it in float32 on the CPU (``set_training_runtime``). Memory freed at the top of the heap
+    is returned beyond 512 MiB. Returns whether it applied (glibc only; the environment's
+    MALLOC_MMAP_THRESHOLD_ wins where set).
     """
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
@@ -108,6 +108,22 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def set_training_runtime(threads: int, precision: str, device: torch.device) -> bool:
+    """What training and the benchmark's training set up: ``threads`` (:func:`set_threads`) and, in float32
+    on the CPU, glibc keeping freed memory (:func:`keep_freed_memory`; returns whether it applied).
+
+    A float32 training step of the Multi30k model frees and allocates tensors of a few MiB (the attention's
+    [B, S, A] sums, the loss's chunks) and took 2,300-11,200 page faults per step by default, 40-550 with
+    the blocks kept: a median 1.07x the tokens/s over eight alternated pairs of runs (0.85x to 1.12x), peak
+    memory 0.86-0.94 against 0.85-0.91 GiB (AMD EPYC, 2 threads, 40-60 steps). bf16 training on an Intel
+    Xeon with AMX (eighth session) ran slower with them kept: 10,487 and 10,104 target tokens/s against
+    11,111 and 10,589, so bf16 training leaves glibc as it is."""
+    set_threads(threads)
+    if device.type == "cpu" and precision == "fp32":
+        return keep_freed_memory()
+    return False
 
 
 def set_decoding_runtime(threads: int, workers: int = 1) -> None:

@@ -32,7 +32,7 @@ from seq2seq.metrics import bleu, chrf
 from seq2seq.models.decoder import Decoder
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, save_checkpoint
-from seq2seq.runtime import autocast_dtype, resolve_device, set_seed, set_threads, warn_if_slow_bf16
+from seq2seq.runtime import autocast_dtype, resolve_device, set_seed, set_training_runtime, warn_if_slow_bf16
 from seq2seq.tokenizer import Tokenizer, train_tokenizers
 from seq2seq.translate import Translator
 
@@ -191,7 +191,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
                             "point hydra.run.dir at the run to resume")
     if t.precision == "fp16" and device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
-    set_threads(t.threads)
+    set_training_runtime(t.threads, t.precision, device)
     set_seed(t.seed)
 
     train_pairs = load_split(cfg.data, cfg.data.train_split)

@@ -44,6 +44,21 @@ def test_freed_tensors_are_reused_without_page_faults():
     assert faults_kept <= 2 * 2560
 
 
+@pytest.mark.parametrize("precision,device,kept", [("fp32", "cpu", True), ("bf16", "cpu", False),
+                                                    ("fp32", "cuda", False)])
+def test_float32_training_on_the_cpu_keeps_freed_memory(monkeypatch, precision, device, kept):
+    """Training keeps glibc's freed blocks in float32 on the CPU (faster there), not in bf16 (slower there)."""
+    import torch
+
+    from seq2seq import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(runtime, "set_threads", lambda threads: calls.append(threads))
+    assert runtime.set_training_runtime(3, precision, torch.device(device)) == kept
+    assert calls == [3, True] if kept else calls == [3]
+
+
 @pytest.mark.parametrize("has_bf16_units", [True, False])
 def test_bf16_warns_once_set_where_the_cpu_has_no_bf16_units(monkeypatch, caplog, has_bf16_units):
     """trainer.precision=bf16 and translate --bf16 stay on (results are right) but say when they are slow here."""
