@@ -38,3 +38,16 @@ def test_multiple_of_eight_on_uniform_lengths():
     assert sorted(len(b) for b in batches)[1:] == [24] * (len(batches) - 1)
     assert sorted(i for b in batches for i in b) == list(range(1000))
     assert [len(b) for b in token_batches(tgt, tgt, 300, 0, 0)].count(30) == 33  # multiple 1: as many as fit
+
+
+def test_a_batch_across_two_target_lengths_takes_sources_of_similar_length():
+    """Targets of 4 and 5 tokens, each with sources of 1..50, 24 or fewer sentences a batch: sorted by (target,
+    source) alone, the batch holding the end of the first group and the start of the second pads 1-token
+    sources to 50; with the second group's sources sorted the other way it takes 33-50 from it."""
+    tgt = [4] * 50 + [5] * 50
+    src = list(range(1, 51)) * 2
+    batches = token_batches(src, tgt, 120, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    for batch in batches:
+        lengths = [src[i] for i in batch]
+        assert max(lengths) - min(lengths) < 24, sorted(lengths)
