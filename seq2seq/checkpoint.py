@@ -129,7 +129,7 @@ def _carry_over(old: Path, new: Path) -> None:
             continue
         if entry.name == SHORTLIST_FILE and not same_tokenizers:
             continue
-        if entry.is_dir():
+        if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)

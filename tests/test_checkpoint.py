@@ -87,17 +87,19 @@ def test_saving_again_keeps_search_settings_and_other_files(saved, tmp_path):
     (target / "search.yaml").write_text("beam_size: 3\n")
     (target / "notes").mkdir()
     (target / "notes" / "README").write_text("trained on my data")
+    (target / "latest").symlink_to("notes")  # a link stays a link
     (target / "config.yaml").write_text("stale")  # a file the save writes is written anew, not carried
     save_bundle(target, model, cfg, src_tok, tgt_tok, extra={"step": 7})
     assert (target / "search.yaml").read_text() == "beam_size: 3\n"
     assert (target / "notes" / "README").read_text() == "trained on my data"
+    assert (target / "latest").is_symlink() and (target / "latest" / "README").is_file()
     assert yaml.safe_load((target / "config.yaml").read_text())["step"] == 7
     other, _ = train_tokenizers(generate_splits(200, 5, 5, seed=3)["train"], cfg.data.tokenizer)
     save_bundle(target, Seq2Seq(cfg.model, len(other), len(other)), cfg, other, other)  # new vocabularies
     assert (target / "search.yaml").exists()
     separate = Seq2Seq(cfg.model, len(src_tok), len(other))
     save_bundle(target, separate, cfg, src_tok, other)  # now two tokenizer files: the joint one is not carried
-    assert sorted(p.name for p in target.iterdir()) == ["config.yaml", "model.safetensors", "notes",
+    assert sorted(p.name for p in target.iterdir()) == ["config.yaml", "latest", "model.safetensors", "notes",
                                                         "search.yaml", "src.spm.model", "tgt.spm.model"]
     assert load_bundle(target).tgt_tokenizer is not load_bundle(target).src_tokenizer
 
