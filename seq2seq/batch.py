@@ -69,8 +69,9 @@ def token_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     tiebreak = torch.randperm(len(tgt_lens), generator=generator).tolist()
+    rank = {length: r for r, length in enumerate(sorted(set(tgt_lens)))}  # sources up at even ranks, down at odd
     order = sorted(range(len(tgt_lens)),
-                   key=lambda i: (tgt_lens[i], src_lens[i] if tgt_lens[i] % 2 == 0 else -src_lens[i], tiebreak[i]))
+                   key=lambda i: (tgt_lens[i], -src_lens[i] if rank[tgt_lens[i]] % 2 else src_lens[i], tiebreak[i]))
     batches, current = [], []
     for i in order:
         width = tgt_lens[i] + 1  # sorted by target length: the newest sentence is the widest

@@ -41,10 +41,10 @@ def test_multiple_of_eight_on_uniform_lengths():
 
 
 def test_a_batch_across_two_target_lengths_takes_sources_of_similar_length():
-    """Targets of 4 and 5 tokens, each with sources of 1..50, 24 or fewer sentences a batch: sorted by (target,
-    source) alone, the batch holding the end of the first group and the start of the second pads 1-token
-    sources to 50; with the second group's sources sorted the other way it takes 33-50 from it."""
-    tgt = [4] * 50 + [5] * 50
+    """Targets of 4 and 6 tokens (none of 5), each with sources of 1..50, 24 or fewer sentences a batch: sorted by
+    (target, source) alone, the batch holding the end of the first group and the start of the second pads
+    1-token sources to 50; with the second group's sources sorted the other way it takes 36-50 from it."""
+    tgt = [4] * 50 + [6] * 50
     src = list(range(1, 51)) * 2
     batches = token_batches(src, tgt, 120, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(100))
