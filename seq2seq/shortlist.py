@@ -5,10 +5,10 @@ of a decoding step (an [8,000 x 256] product per hypothesis on Multi30k), yet a 
 ever needs a small part of the vocabulary. :func:`lexical_table` estimates p(target token | source token)
 with IBM Model 1 (EM over the training pairs, a NULL source word for tokens that translate nothing); a
 :class:`Shortlist` keeps, per source token, its ``candidates`` most probable target tokens, plus the
-``frequent`` most frequent target tokens and NULL's candidates. For a batch, :meth:`Shortlist.vocabulary`
-is the union of those, sorted (so the special tokens keep their ids), topped up with the next most frequent
-tokens to a multiple of 64 (the block width of beam search's candidate selection), and
-:meth:`Shortlist.allowed` is each sentence's own part of it.
+``frequent`` most frequent target tokens and NULL's candidates. For a batch, :meth:`Shortlist.for_batch`
+gives the union of those, sorted (so the special tokens keep their ids), topped up with the next most
+frequent tokens to a multiple of 64 (the block width of beam search's candidate selection), and each
+sentence's own part of it.
 
 Decoding then computes logits over that subset only (``search(..., vocab=, allowed=)``) and each sentence's
 softmax over its own part: the same model, with probabilities renormalised over the sentence's shortlist,
@@ -130,14 +130,6 @@ class Shortlist:
         vocab = chosen.nonzero().squeeze(1)
         return vocab, own[:, vocab]
 
-    def vocabulary(self, src: torch.Tensor) -> torch.Tensor:
-        """The batch's vocabulary [V'] of :meth:`for_batch`."""
-        return self.for_batch(src)[0]
-
-    def allowed(self, src: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
-        """[B, V'] bool: each sentence's own shortlist within the batch's ``vocab`` (see :meth:`for_batch`)."""
-        return self.sentence_sets(src)[:, vocab.cpu()]
-
     def save(self, path: str | Path) -> None:
         tensors = {"candidates": self.candidates.contiguous(), "by_frequency": self.by_frequency.contiguous()}
         atomic_write_bytes(Path(path), save_tensors(tensors, metadata={"frequent": str(self.frequent)}))
@@ -160,6 +152,11 @@ class Shortlist:
                                 f"{shortlist.by_frequency.numel()} tokens, the model has {src_vocab} / {tgt_vocab}; "
                                 f"rebuild it with seq2seq-shortlist --model {path.parent}")
         return shortlist
+
+    @classmethod
+    def of_model(cls, model_dir: str | Path, src_vocab: int, tgt_vocab: int) -> "Shortlist":
+        """The model directory's shortlist (:meth:`load` of ``model_dir/shortlist.safetensors``)."""
+        return cls.load(Path(model_dir) / SHORTLIST_FILE, src_vocab, tgt_vocab)
 
 
 def build_for_model(model_dir: str | Path, src_path: Optional[str] = None, tgt_path: Optional[str] = None,

@@ -27,7 +27,7 @@ from seq2seq.ensemble import load_ensemble
 from seq2seq.models.decoder import Decoder
 from seq2seq.runtime import quantize_int8, resolve_device, warn_if_slow_bf16
 from seq2seq.search import Hypothesis, search
-from seq2seq.shortlist import SHORTLIST_FILE, Shortlist
+from seq2seq.shortlist import Shortlist
 
 log = logging.getLogger(__name__)
 SEARCH_FILE = "search.yaml"  # default search settings in a model directory (written by seq2seq-tune)
@@ -114,8 +114,7 @@ class Translator:
         workers = overrides.pop("workers", None)
         shortlist = None
         if overrides.pop("shortlist", False):  # the first model directory's (an ensemble shares its vocabularies)
-            shortlist = Shortlist.load(Path(model_dir) / SHORTLIST_FILE, len(bundle.src_tokenizer),
-                                       len(bundle.tgt_tokenizer))
+            shortlist = Shortlist.of_model(model_dir, len(bundle.src_tokenizer), len(bundle.tgt_tokenizer))
         search_cfg = read_search_defaults(model_dir, bundle.config.search)
         search_cfg = replace(search_cfg, **{k: v for k, v in overrides.items() if v is not None})
         return cls(bundle, search_cfg, device, quantize, bf16, 1 if workers is None else workers, shortlist)

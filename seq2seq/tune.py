@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from seq2seq.checkpoint import SHORTLIST_FILE, atomic_write_bytes, load_bundle
+from seq2seq.checkpoint import atomic_write_bytes, load_bundle
 from seq2seq.cli import USER_ERRORS, fail
 from seq2seq.config import SearchConfig
 from seq2seq.data import load_split
@@ -61,8 +61,7 @@ def tune(model_dir: str | Path, beams: Sequence[int] = (1, 3, 5, 10), alphas: Se
     bundle = load_bundle(model_dir)
     lexical = None
     if shortlist:
-        lexical = Shortlist.load(Path(model_dir) / SHORTLIST_FILE, len(bundle.src_tokenizer),
-                                 len(bundle.tgt_tokenizer))
+        lexical = Shortlist.of_model(model_dir, len(bundle.src_tokenizer), len(bundle.tgt_tokenizer))
     defaults = read_search_defaults(model_dir, bundle.config.search)
     pairs = load_split(bundle.config.data, split or bundle.config.data.valid_split)
     if max_sentences:

@@ -146,7 +146,7 @@ def test_shortlist_is_built_and_used_from_the_command_line(model_dir, tmp_path, 
     bundle = load_bundle(model)
     shortlist = shortlist_module.Shortlist.load(model / "shortlist.safetensors", len(bundle.src_tokenizer),
                                                len(bundle.tgt_tokenizer))
-    vocab = shortlist.vocabulary(torch.tensor(encode(bundle)[0]))
+    vocab = shortlist.for_batch(torch.tensor(encode(bundle)[0]))[0]
     assert vocab.numel() < len(bundle.tgt_tokenizer)
     translator = Translator.from_dir(model, device="cpu", beam_size=2, shortlist=True)
     for hyps, line in zip(translator.translate(SOURCES + [""]), SOURCES + [""]):

@@ -58,7 +58,7 @@ def make_shortlist(src_vocab=256, tgt_vocab=256, k=3, frequent=5, seed=0):
 def test_a_batch_vocabulary_holds_the_specials_frequent_and_candidate_tokens():
     shortlist = make_shortlist()
     src = random_sources(3, vocab=256).src
-    vocab = shortlist.vocabulary(src)
+    vocab = shortlist.for_batch(src)[0]
     assert torch.equal(vocab, vocab.sort().values) and vocab.unique().numel() == vocab.numel()
     assert vocab.numel() % SUBSET_MULTIPLE == 0 and vocab.numel() < 256
     assert torch.equal(vocab[:4], torch.arange(4))
@@ -69,7 +69,7 @@ def test_a_batch_vocabulary_holds_the_specials_frequent_and_candidate_tokens():
     # the top-up takes the next most frequent tokens
     assert int(shortlist.by_frequency[5]) in members
     # a batch that needs more than the vocabulary's last multiple gets all of it
-    assert torch.equal(shortlist.vocabulary(torch.arange(256)), torch.arange(256))
+    assert torch.equal(shortlist.for_batch(torch.arange(256))[0], torch.arange(256))
 
 
 def test_save_and_load_round_trip_and_errors(tmp_path):
@@ -185,18 +185,17 @@ def test_each_sentence_keeps_to_its_own_shortlist_whatever_its_batch():
     """With ``allowed``, a sentence decodes as it would alone (or in any other batch)."""
     model, batch = make_model(vocab=256, eos_bias=1.0), random_sources(6, vocab=256)
     shortlist = make_shortlist(k=4, frequent=8)
-    vocab = shortlist.vocabulary(batch.src)
-    allowed = shortlist.allowed(batch.src, vocab)
+    vocab, allowed = shortlist.for_batch(batch.src)
     assert allowed[:, :4].all() and not allowed.all()  # the batch's vocabulary is more than each sentence's
     for beam in (1, 3):
         together = decode(model, batch, vocab, beam_size=beam, allowed=allowed)
         for i in range(6):
             alone = make_batch([batch.src[i, : int(batch.src_len[i])].tolist()])
-            own = shortlist.vocabulary(alone.src)
-            found = decode(model, alone, own, beam_size=beam, allowed=shortlist.allowed(alone.src, own))
+            own, own_allowed = shortlist.for_batch(alone.src)
+            found = decode(model, alone, own, beam_size=beam, allowed=own_allowed)
             assert [h.tokens for h in found[0]] == [h.tokens for h in together[i]]
             assert [h.score for h in found[0]] == pytest.approx([h.score for h in together[i]], abs=1e-4)
-            own_tokens = set(own[shortlist.allowed(alone.src, own)[0]].tolist())
+            own_tokens = set(own[own_allowed[0]].tolist())
             assert all(set(h.tokens) <= own_tokens for h in together[i])
     with pytest.raises(ValueError, match="allows the special ids"):
         decode(model, batch, vocab, allowed=torch.zeros_like(allowed))
