@@ -26,6 +26,7 @@ from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
 from seq2seq.models.packed import PACKED_LINEAR, LinearRows, pack_weight, packed_linear
 from seq2seq.models.tanh import tanh_
+from seq2seq.models.weight_cache import DecodingWeights, versions
 
 
 @dataclass
@@ -76,17 +77,12 @@ class Decoder(nn.Module):
         # a run-time choice (translate --bf16; trainer.precision=bf16 on the CPU): the step's matrix products
         # and the output layer in bfloat16, the elementwise work in float32 (see ``linear``)
         self.bf16_products = False
-        self._decoding_cache = {}  # name -> (key, value): weights prepared once for decoding (see _kept)
+        self._decoding_cache = DecodingWeights()  # weights prepared once for decoding (weight_cache.py)
         self.compile_step = False  # a run-time choice (trainer.compile): torch.compile the step of the training loop
         self._compiled = {}
         if cfg.bridge == "learned":
             self.bridge = nn.Linear(enc_size, dec_size)
             self.bridge_cell = nn.Linear(enc_size, dec_size) if cfg.cell == "lstm" else None
-
-    def __getstate__(self) -> dict:
-        """Copies (``copy.deepcopy``, as int8 quantisation makes one) start without the decoding cache: it is
-        derived from the weights, and oneDNN's packed weight (``_packed_output``) cannot be copied."""
-        return {**self.__dict__, "_decoding_cache": {}}
 
     # --- set-up, once per batch ---------------------------------------------------------------
     def prepare(self, enc: EncoderOutput, vocab: Optional[torch.Tensor] = None,
@@ -161,8 +157,8 @@ class Decoder(nn.Module):
         oneDNN keeps a kernel per row count (~1 MB each): rows padded to a multiple of 8 kept beam 5's peak
         memory as it was (unpadded: +78 MiB, greedy 1.22x)."""
         weight = self.output.weight
-        packed = self._kept("packed output", (weight.device, *_versions([weight])),
-                            lambda: pack_weight(weight, PACK_ROWS))
+        packed = self._decoding_cache.kept("packed output", (weight.device, *versions([weight])),
+                                           lambda: pack_weight(weight, PACK_ROWS))
         flat = self.dropout(pre_output).reshape(-1, pre_output.size(-1))  # [R, D]
         logits = packed_linear(flat, packed, self.output.bias)  # [R, V]
         return logits.view(*pre_output.shape[:-1], logits.size(-1))
@@ -186,8 +182,8 @@ class Decoder(nn.Module):
         if torch.is_grad_enabled():  # cast at each call: a fused optimizer step updates a weight without
             weight_t = weight.to(torch.bfloat16).t()  # [I, O]   changing its version, so a cache would go stale
         else:
-            weight_t = self._kept(("bf16", id(weight)), (weight.device, *_versions([weight])),
-                                  lambda: weight.detach().t().contiguous().to(torch.bfloat16))  # [I, O]
+            weight_t = self._decoding_cache.kept(("bf16", id(weight)), (weight.device, *versions([weight])),
+                                                 lambda: weight.detach().t().contiguous().to(torch.bfloat16))
         flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # [R, I]
         rows = flat.size(0)
         out = torch.mm(F.pad(flat, (0, 0, 0, -rows % ROW_MULTIPLE)), weight_t)[:rows].float()  # [R, O]
@@ -200,13 +196,6 @@ class Decoder(nn.Module):
         optimizer step updates a weight in place without changing its version: ``train_step`` calls this
         after every update."""
         self._decoding_cache.clear()
-
-    def _kept(self, name: str, key: tuple, make):
-        """``make()``, kept between decoding steps for as long as ``key`` (the weights' versions) holds."""
-        cached = self._decoding_cache.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._decoding_cache[name] = (key, make())
-        return cached[1]
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
                 emb_gates: Optional[torch.Tensor] = None, cell_weights: Optional[list] = None):
@@ -305,12 +294,13 @@ class Decoder(nn.Module):
         """Per layer (w_ih, w_hh, b_ih, b_hh) for :func:`rnn_cell_step`: layer 0's w_ih is only its columns
         for the inputs after the embedding, contiguous, and under autocast every weight (in training with
         ``bf16_products`` every matrix) is already in its type, so that a loop over time steps slices and
-        casts nothing. Training makes them once per batch; decoding keeps them (see ``_kept``)."""
+        casts nothing. Training makes them once per batch; decoding keeps them (``_decoding_cache``)."""
         device = self.rnn.weight_hh_l0.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         if torch.is_grad_enabled():  # bf16_products: matrices in bfloat16, biases float32 (see ``linear``)
             return self._make_cell_weights(torch.bfloat16 if self.bf16_products else dtype, self.bf16_products)
-        return self._kept("cell", (dtype, *_versions(self.rnn.parameters())), lambda: self._make_cell_weights(dtype))
+        return self._decoding_cache.kept("cell", (dtype, *versions(self.rnn.parameters())),
+                                         lambda: self._make_cell_weights(dtype))
 
     def _make_cell_weights(self, dtype: Optional[torch.dtype], float32_biases: bool = False) -> list:
         rnn, weights = self.rnn, []
@@ -402,8 +392,3 @@ class Decoder(nn.Module):
         context = enc.context[:, None, :].expand(-1, embedded.size(1), -1)  # [B, T, He]
         output, _ = self.rnn(torch.cat([embedded, context], dim=-1), hx)
         return self.pre_output_of(output, embedded, context), None
-
-
-def _versions(tensors) -> tuple:
-    """What identifies the current values of these tensors (storage and in-place version counter)."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
