@@ -1,0 +1,127 @@
+"""The additive attention's C kernel: the scores and their gradients against float64 ATen, the attention
+with and without it, threads, the compiled library's cache, and the fall-back without a compiler."""
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from seq2seq.models import additive_kernel
+from seq2seq.models.attention import AdditiveAttention
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+
+
+def reference(query, keys, v):
+    return torch.tanh(query[:, :, None, :] + keys[:, None, :, :]) @ v  # [B, T, S]
+
+
+def inputs(batch, steps, length, size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, steps, size, generator=generator)
+    keys = torch.randn(batch, length, size, generator=generator)
+    v = torch.randn(size, generator=generator)
+    mask = torch.rand(batch, length, generator=generator) > 0.3
+    mask[:, 0] = True
+    return query, keys, v, mask
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(3, 1, 5, 16), (4, 3, 7, 37), (2, 1, 1, 8)])  # 37: not a multiple of the SIMD width
+def test_scores_and_gradients_match_float64(shape):
+    query, keys, v, mask = inputs(*shape)
+    grad = torch.randn(shape[0], shape[1], shape[2]) * mask[:, None, :]  # softmax gives 0 at masked positions
+    exact = [x.double().requires_grad_() for x in (query, keys, v)]
+    expected = reference(*exact)
+    expected.backward(grad.double())
+    ours = [x.clone().requires_grad_() for x in (query, keys, v)]
+    scores = additive_kernel.additive_scores(*ours, mask)
+    scores.backward(grad)
+    real = mask[:, None, :].expand_as(scores)
+    assert (scores.double() - expected)[real].abs().max() < 1e-5
+    assert (scores[~real] == 0).all()  # masked positions are skipped (the softmax masks them out)
+    for mine, theirs in zip(ours, exact):
+        assert (mine.grad.double() - theirs.grad).abs().max() < 1e-5 * max(1.0, theirs.grad.abs().max().item())
+    with torch.no_grad():  # the no-grad path gives the same scores
+        assert torch.equal(additive_kernel.additive_scores(query, keys, v, mask), scores.detach())
+
+
+@needs_compiler
+def test_threads_share_the_batch_out():
+    query, keys, v, mask = inputs(9, 2, 6, 24, seed=1)
+    grad = torch.randn(9, 2, 6) * mask[:, None, :]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            ours = [x.clone().requires_grad_() for x in (query, keys, v)]
+            scores = additive_kernel.additive_scores(*ours, mask)
+            scores.backward(grad)
+            results.append([scores.detach()] + [x.grad for x in ours])
+    finally:
+        torch.set_num_threads(threads)
+    (one, *one_grads), (three, *three_grads) = results
+    assert torch.equal(one, three)
+    assert torch.equal(one_grads[0], three_grads[0]) and torch.equal(one_grads[1], three_grads[1])
+    assert torch.allclose(one_grads[2], three_grads[2], atol=1e-5)  # v's gradient: per-thread sums added up
+
+
+@needs_compiler
+def test_attention_with_and_without_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    attention = AdditiveAttention(12, 10, 16)
+    memory = torch.randn(3, 5, 10)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    query = torch.randn(3, 2, 12)
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("SEQ2SEQ_ADDITIVE_KERNEL", switch)
+        monkeypatch.setattr(additive_kernel, "_kernel", {})
+        assert (additive_kernel.kernel() is not None) == (switch == "1")
+        attention.zero_grad()
+        leaf_query, leaf_memory = query.clone().requires_grad_(), memory.clone().requires_grad_()
+        context, weights = attention(leaf_query, attention.project_keys(leaf_memory), leaf_memory, mask)
+        (context.square().sum() + weights[:, :, 0].sum()).backward()
+        runs.append([context, weights, leaf_query.grad, leaf_memory.grad]
+                    + [p.grad.clone() for p in attention.parameters()])
+    for fused, plain in zip(*runs):
+        assert torch.allclose(fused, plain, atol=1e-6)
+    assert (runs[0][1][~mask[:, None, :].expand(-1, 2, -1)] == 0).all()
+
+
+def test_wrong_shapes_are_refused_before_the_kernel_reads_memory():
+    query, keys, v, mask = inputs(2, 1, 4, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        additive_kernel._scores(query, keys[:, :, :6].contiguous(), v, mask.view(torch.uint8))
+
+
+@needs_compiler
+def test_the_library_is_built_once_per_source_and_cpu(tmp_path):
+    built = additive_kernel.build(tmp_path)
+    stamp = built.stat().st_mtime_ns
+    assert additive_kernel.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no half-written leftovers
+
+
+def test_without_a_compiler_the_aten_path_is_taken(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(additive_kernel, "_kernel", {})
+    with caplog.at_level(logging.WARNING):
+        assert additive_kernel.kernel() is None
+        assert not additive_kernel.usable(torch.zeros(1))
+    assert "no C compiler 'no-such-compiler-here'" in caplog.text
+    attention = AdditiveAttention(4, 4, 4)
+    memory = torch.randn(2, 3, 4)
+    context, weights = attention(torch.randn(2, 1, 4), attention.project_keys(memory), memory,
+                                 torch.ones(2, 3, dtype=torch.bool))
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 1))
+
+
+def test_a_failing_compiler_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(RuntimeError, match="additive_scores.c"):
+        additive_kernel.build(tmp_path)
+    assert list(tmp_path.iterdir()) == []
