@@ -141,11 +141,18 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 quantisation of the linear and GRU / LSTM layers, for CPU inference.
 
     Weights are stored in int8 and activations quantised on the fly; vanilla-RNN layers and
-    embeddings stay in float32.
+    embeddings stay in float32, and so does the additive attention's energy vector (A weights), so that its
+    scores keep their C kernel (seq2seq/models/additive_kernel.py).
     """
     import warnings
 
+    from torch.ao.quantization import default_dynamic_qconfig
+
+    from seq2seq.models.attention import AdditiveAttention
+
+    spec = {layer: default_dynamic_qconfig for layer in (torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM)}
+    spec.update({f"{name}.energy": None for name, module in model.named_modules()
+                 if isinstance(module, AdditiveAttention)})
     with warnings.catch_warnings():  # torch marks the quantized tensor API as deprecated
         warnings.simplefilter("ignore", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(
-            model, {torch.nn.Linear, torch.nn.GRU, torch.nn.LSTM}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)

@@ -71,6 +71,8 @@ def test_int8_quantised_translator_translates(translator):
     assert len(out) == 3 and out[1][0].text == ""
     assert type(quantised.model.decoder.output).__module__.startswith("torch.ao.nn.quantized")
     assert type(translator.model.decoder.output) is torch.nn.Linear  # the original model is untouched
+    attention = quantised.model.decoder.attention  # its energy vector stays float32 for the C kernel
+    assert type(attention.energy) is torch.nn.Linear and type(attention.query_proj) is not torch.nn.Linear
 
 
 def test_bf16_translator_runs_its_matrix_products_in_bfloat16(translator):
