@@ -125,3 +125,20 @@ def test_a_failing_compiler_names_the_file(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="additive_scores.c"):
         additive_kernel.build(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_compiler
+def test_threads_calling_at_once_get_their_own_scores(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(additive_kernel, "_kernel", {})  # built while the callers race for it
+    problems = [inputs(5 + i, 2, 7, 24, seed=i) for i in range(6)]
+    expected = [reference(q, k, v) * m[:, None, :] for q, k, v, m in problems]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # each call shares its batch out as well
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            found = list(pool.map(lambda p: additive_kernel.additive_scores(*p), problems))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.allclose(f, e, atol=1e-5) for f, e in zip(found, expected))

@@ -1,10 +1,10 @@
 """The additive attention's scores v . tanh(q + k) as one C kernel on float32 CPU tensors.
 
-Training spends a fifth of its time here on the CPU (torch.profiler, Multi30k): ATen forms the
-[B, T, S, A] sum, its tanh and the product with v as separate passes over memory, saves the tanh for
-the backward pass and takes the energy's gradient as a matrix product with an inner size of 1. The kernel
-(``csrc/additive_scores.c``) does each direction in one pass that keeps every element in registers,
-recomputes the tanh in the backward pass instead of saving it, and skips padding.
+ATen forms the [B, T, S, A] sum, its tanh and the product with v as separate passes over memory, saves
+the tanh for the backward pass and takes the energy's gradient as a matrix product with an inner size of 1.
+The kernel (``csrc/additive_scores.c``) does each direction in one pass that keeps every element in
+registers, recomputes the tanh in the backward pass instead of saving it, and skips padding: less memory in
+training (no saved [B, S, A] tanh per step) and faster decoding (README, Speed and scale).
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``) for this CPU,
 into ``$XDG_CACHE_HOME/seq2seq`` (``~/.cache/seq2seq``), and loaded with ctypes: no build step at install
@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -47,28 +48,33 @@ class _Kernel:
         self.backward.argtypes = [_POINTER] * 8 + [_INT] * 5
         self.backward.restype = None
         self.pool: Optional[ThreadPoolExecutor] = None
-        self.pool_size = 0
+        self.pool_workers = 0
+        self.pool_lock = threading.Lock()  # translate's workers may call at once
 
     def run_split(self, function, pointers: list, batch: int, sizes: tuple, per_thread=None) -> None:
         """``function(*pointers, b0, b1, *sizes)`` over [0, batch) in one chunk per thread
         (:func:`threads_for`); ``per_thread(i)`` gives chunk i's own extra pointer (the gradient of v)."""
         threads = threads_for(batch)
         bounds = [batch * i // threads for i in range(threads + 1)]
-        calls = [(pointers + ([per_thread(i)] if per_thread else []), bounds[i], bounds[i + 1])
-                 for i in range(threads)]
-        if threads == 1:
-            function(*calls[0][0], calls[0][1], calls[0][2], *sizes)
-            return
-        if self.pool_size < threads - 1:
-            self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="additive-scores")
-            self.pool_size = threads - 1
-        futures = [self.pool.submit(function, *ptrs, b0, b1, *sizes) for ptrs, b0, b1 in calls[1:]]
-        function(*calls[0][0], calls[0][1], calls[0][2], *sizes)  # the calling thread takes the first chunk
+
+        def chunk(i: int) -> None:
+            extra = [per_thread(i)] if per_thread else []
+            function(*pointers, *extra, bounds[i], bounds[i + 1], *sizes)
+
+        with self.pool_lock:  # one pool, grown to the most threads asked for (its old one finishes its work)
+            if self.pool_workers < threads - 1:
+                if self.pool is not None:
+                    self.pool.shutdown(wait=False)
+                self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="additive-scores")
+                self.pool_workers = threads - 1
+            futures = [self.pool.submit(chunk, i) for i in range(1, threads)]
+        chunk(0)  # the calling thread takes the first chunk
         for future in futures:
             future.result()
 
 
 _kernel: dict = {}  # "kernel" -> _Kernel or None: built (or found unbuildable) once per process
+_build_lock = threading.Lock()  # so that threads decoding side by side all see it built, or all not
 
 
 def _cache_dir() -> Path:
@@ -110,12 +116,16 @@ def build(cache_dir: Optional[Path] = None) -> Path:
 def kernel() -> Optional[_Kernel]:
     """The kernel, built on the first call; None where it is switched off or cannot be built (logged once)."""
     if "kernel" not in _kernel:
-        _kernel["kernel"] = None
-        if os.environ.get("SEQ2SEQ_ADDITIVE_KERNEL", "1") != "0":
-            try:
-                _kernel["kernel"] = _Kernel(ctypes.CDLL(str(build())))
-            except (OSError, RuntimeError) as error:
-                log.warning("additive attention: the C kernel is not used (%s); ATen computes the scores", error)
+        with _build_lock:
+            if "kernel" not in _kernel:
+                loaded = None
+                if os.environ.get("SEQ2SEQ_ADDITIVE_KERNEL", "1") != "0":
+                    try:
+                        loaded = _Kernel(ctypes.CDLL(str(build())))
+                    except (OSError, RuntimeError) as error:
+                        log.warning("additive attention: the C kernel is not used (%s); ATen computes the scores",
+                                    error)
+                _kernel["kernel"] = loaded
     return _kernel["kernel"]
 
 
