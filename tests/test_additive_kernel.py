@@ -142,3 +142,13 @@ def test_threads_calling_at_once_get_their_own_scores(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.allclose(f, e, atol=1e-5) for f, e in zip(found, expected))
+
+
+def test_a_compiler_that_hangs_is_given_up(monkeypatch, tmp_path):
+    hanging = tmp_path / "hanging-cc"
+    hanging.write_text("#!/bin/sh\nsleep 30\n")
+    hanging.chmod(0o755)
+    monkeypatch.setenv("CC", str(hanging))
+    monkeypatch.setattr(additive_kernel, "COMPILE_TIMEOUT_S", 1)
+    with pytest.raises(RuntimeError, match="took over 1 s"):
+        additive_kernel.build(tmp_path / "cache")

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "additive_scores.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast",
          "-shared", "-fPIC"]
+COMPILE_TIMEOUT_S = 120  # 0.2 s here: a compiler that hangs must not hang training
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -106,7 +107,11 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # built aside, then renamed: never half-written
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+        try:
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True,
+                                    text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{compiler} took over {COMPILE_TIMEOUT_S} s on {SOURCE}") from None
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {SOURCE}: {result.stderr.strip()[:500]}")
         os.replace(built, target)
