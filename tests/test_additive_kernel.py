@@ -152,3 +152,33 @@ def test_a_compiler_that_hangs_is_given_up(monkeypatch, tmp_path):
     monkeypatch.setattr(additive_kernel, "COMPILE_TIMEOUT_S", 1)
     with pytest.raises(RuntimeError, match="took over 1 s"):
         additive_kernel.build(tmp_path / "cache")
+
+
+def _scores_in_child(problem, queue):
+    torch.set_num_threads(2)
+    queue.put(additive_kernel.additive_scores(*problem).tolist())
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_shares_its_batch_out_with_threads_of_its_own():
+    import multiprocessing
+
+    problem = inputs(6, 1, 5, 16, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = additive_kernel.additive_scores(*problem)  # the parent's pool now has a thread
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_scores_in_child, args=(problem, queue))
+    child.start()
+    try:
+        found = queue.get(timeout=30)  # a pool inherited without its threads would wait for ever
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert found == expected.tolist()

@@ -78,6 +78,17 @@ _kernel: dict = {}  # "kernel" -> _Kernel or None: built (or found unbuildable) 
 _build_lock = threading.Lock()  # so that threads decoding side by side all see it built, or all not
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's pool threads: it starts a pool of its own when it needs one."""
+    loaded = _kernel.get("kernel")
+    if loaded is not None:
+        loaded.pool, loaded.pool_workers, loaded.pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seq2seq"
 
