@@ -1,5 +1,6 @@
 """The additive attention's C kernel: the scores and their gradients against float64 ATen, the attention
-with and without it, threads, the compiled library's cache, and the fall-back without a compiler."""
+with and without it, threads and forked processes, the compiled library's cache, and the fall-back without a
+compiler."""
 import logging
 import os
 import shutil
@@ -48,7 +49,7 @@ def test_scores_and_gradients_match_float64(shape):
 
 
 @needs_compiler
-def test_threads_share_the_batch_out():
+def test_scores_do_not_depend_on_the_torch_thread_count():
     query, keys, v, mask = inputs(9, 2, 6, 24, seed=1)
     grad = torch.randn(9, 2, 6) * mask[:, None, :]
     results = []
@@ -135,7 +136,7 @@ def test_threads_calling_at_once_get_their_own_scores(monkeypatch):
     problems = [inputs(5 + i, 2, 7, 24, seed=i) for i in range(6)]
     expected = [reference(q, k, v) * m[:, None, :] for q, k, v, m in problems]
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # each call shares its batch out as well
+    torch.set_num_threads(2)
     try:
         with ThreadPoolExecutor(3) as pool:
             found = list(pool.map(lambda p: additive_kernel.additive_scores(*p), problems))
@@ -161,14 +162,14 @@ def _scores_in_child(problem, queue):
 
 @needs_compiler
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_a_forked_child_shares_its_batch_out_with_threads_of_its_own():
+def test_a_forked_child_computes_the_scores():
     import multiprocessing
 
     problem = inputs(6, 1, 5, 16, seed=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        expected = additive_kernel.additive_scores(*problem)  # the parent's pool now has a thread
+        expected = additive_kernel.additive_scores(*problem)  # built and loaded in the parent
     finally:
         torch.set_num_threads(threads)
     context = multiprocessing.get_context("fork")
@@ -176,7 +177,7 @@ def test_a_forked_child_shares_its_batch_out_with_threads_of_its_own():
     child = context.Process(target=_scores_in_child, args=(problem, queue))
     child.start()
     try:
-        found = queue.get(timeout=30)  # a pool inherited without its threads would wait for ever
+        found = queue.get(timeout=30)  # a child waiting on anything of its parent's would time out
     finally:
         child.join(timeout=10)
         if child.is_alive():

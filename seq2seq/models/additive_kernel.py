@@ -10,7 +10,8 @@ The C file is compiled on first use with the system's C compiler (``$CC``, else 
 into ``$XDG_CACHE_HOME/seq2seq`` (``~/.cache/seq2seq``), and loaded with ctypes: no build step at install
 and no compiler needed to run without it. Without a compiler, on other devices and types, and where
 ``SEQ2SEQ_ADDITIVE_KERNEL=0``, the attention takes its ATen path (the same scores, within float rounding).
-A batch is shared out over ``torch.get_num_threads()`` threads (ctypes releases the GIL during a call).
+The kernel runs on the calling thread: sharing a batch out over the torch threads (a pool of Python threads;
+ctypes releases the GIL) was no faster here, and translate's ``--workers`` already decode side by side.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +39,7 @@ _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 
 
 class _Kernel:
-    """The loaded library and the threads that share its calls out (built once per process)."""
+    """The loaded library's two functions, each over the sentences b0 <= b < b1 of a batch."""
 
     def __init__(self, library: ctypes.CDLL):
         self.forward = library.additive_scores_forward
@@ -48,45 +48,11 @@ class _Kernel:
         self.backward = library.additive_scores_backward
         self.backward.argtypes = [_POINTER] * 8 + [_INT] * 5
         self.backward.restype = None
-        self.pool: Optional[ThreadPoolExecutor] = None
-        self.pool_workers = 0
-        self.pool_lock = threading.Lock()  # translate's workers may call at once
-
-    def run_split(self, function, pointers: list, batch: int, sizes: tuple, per_thread=None) -> None:
-        """``function(*pointers, b0, b1, *sizes)`` over [0, batch) in one chunk per thread
-        (:func:`threads_for`); ``per_thread(i)`` gives chunk i's own extra pointer (the gradient of v)."""
-        threads = threads_for(batch)
-        bounds = [batch * i // threads for i in range(threads + 1)]
-
-        def chunk(i: int) -> None:
-            extra = [per_thread(i)] if per_thread else []
-            function(*pointers, *extra, bounds[i], bounds[i + 1], *sizes)
-
-        with self.pool_lock:  # one pool, grown to the most threads asked for (its old one finishes its work)
-            if self.pool_workers < threads - 1:
-                if self.pool is not None:
-                    self.pool.shutdown(wait=False)
-                self.pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="additive-scores")
-                self.pool_workers = threads - 1
-            futures = [self.pool.submit(chunk, i) for i in range(1, threads)]
-        chunk(0)  # the calling thread takes the first chunk
-        for future in futures:
-            future.result()
 
 
 _kernel: dict = {}  # "kernel" -> _Kernel or None: built (or found unbuildable) once per process
 _build_lock = threading.Lock()  # so that threads decoding side by side all see it built, or all not
 
-
-def _after_fork_in_child() -> None:
-    """A forked child has none of its parent's pool threads: it starts a pool of its own when it needs one."""
-    loaded = _kernel.get("kernel")
-    if loaded is not None:
-        loaded.pool, loaded.pool_workers, loaded.pool_lock = None, 0, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _cache_dir() -> Path:
@@ -151,10 +117,6 @@ def usable(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and kernel() is not None)
 
 
-def threads_for(batch: int) -> int:
-    return max(1, min(torch.get_num_threads(), batch))
-
-
 def _sizes(query: torch.Tensor, keys: torch.Tensor) -> tuple:
     return query.size(1), keys.size(1), keys.size(2)  # T, S, A
 
@@ -166,9 +128,8 @@ def _scores(query, keys, v, mask) -> torch.Tensor:
     if (key_batch, key_size, tuple(v.shape), tuple(mask.shape)) != (batch, size, (size,), (batch, length)):
         raise ValueError(f"additive scores: query {tuple(query.shape)}, keys {tuple(keys.shape)}, v "
                          f"{tuple(v.shape)} and mask {tuple(mask.shape)} do not fit [B, T, A], [B, S, A], [A], [B, S]")
-    scores = query.new_empty(query.size(0), query.size(1), keys.size(1))
-    kernel().run_split(kernel().forward, [t.data_ptr() for t in (query, keys, v, mask, scores)],
-                       query.size(0), _sizes(query, keys))
+    scores = query.new_empty(batch, query.size(1), length)
+    kernel().forward(*(t.data_ptr() for t in (query, keys, v, mask, scores)), 0, batch, *_sizes(query, keys))
     return scores
 
 
@@ -178,26 +139,28 @@ class AdditiveScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, keys, v, mask):
-        query, keys, v = query.contiguous(), keys.contiguous(), v.contiguous()
-        mask = mask.contiguous().view(torch.uint8)
-        ctx.save_for_backward(query, keys, v, mask)
-        return _scores(query, keys, v, mask)
+        inputs = _contiguous(query, keys, v, mask)
+        ctx.save_for_backward(*inputs)
+        return _scores(*inputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         query, keys, v, mask = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_query, grad_keys = torch.empty_like(query), torch.empty_like(keys)
-        grad_v = v.new_zeros(threads_for(query.size(0)), v.size(0))
-        kernel().run_split(kernel().backward,
-                           [t.data_ptr() for t in (query, keys, v, mask, grad, grad_query, grad_keys)],
-                           query.size(0), _sizes(query, keys), per_thread=lambda i: grad_v[i].data_ptr())
-        return grad_query, grad_keys, grad_v.sum(0), None
+        grad_query, grad_keys, grad_v = torch.empty_like(query), torch.empty_like(keys), torch.zeros_like(v)
+        kernel().backward(*(t.data_ptr() for t in (query, keys, v, mask, grad, grad_query, grad_keys, grad_v)),
+                          0, query.size(0), *_sizes(query, keys))
+        return grad_query, grad_keys, grad_v, None
 
 
 def additive_scores(query: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The kernel's scores (autograd through :class:`AdditiveScores` where a gradient is needed)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, v)):
         return AdditiveScores.apply(query, keys, v, mask)
-    return _scores(query.contiguous(), keys.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8))
+    return _scores(*_contiguous(query, keys, v, mask))
+
+
+def _contiguous(query, keys, v, mask) -> tuple:
+    """What the kernel reads: contiguous float tensors and the mask as uint8."""
+    return query.contiguous(), keys.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8)

@@ -6,8 +6,7 @@
  * ATen computes this as a [B, T, S, A] sum, a tanh and a product with v, and its gradient in as many
  * passes again, saving the tanh for the backward pass. Here each element is formed, used and dropped in
  * registers, the backward pass recomputes the tanh, and masked (padding) positions are skipped. Each call
- * handles the sentences b0 <= b < b1, so that callers can share a batch out between threads. All tensors
- * are contiguous float32.
+ * handles the sentences b0 <= b < b1. All tensors are contiguous float32.
  */
 #include <stdint.h>
 #include <string.h>
