@@ -116,10 +116,10 @@ def set_training_runtime(threads: int, precision: str, device: torch.device) -> 
 
     A float32 training step of the Multi30k model frees and allocates tensors of a few MiB (the loss's
     chunks, the step's activations and their gradients) and took 2,300-12,500 page faults per step by
-    default, 0-550 with the blocks kept: a median 1.07x the tokens/s over twelve alternated pairs of runs (0.85x to 1.12x), peak
-    memory 0.86-0.94 against 0.85-0.91 GiB (AMD EPYC, 2 threads, 40-60 steps). bf16 training on an Intel
-    Xeon with AMX (eighth session) ran slower with them kept: 10,487 and 10,104 target tokens/s against
-    11,111 and 10,589, so bf16 training leaves glibc as it is."""
+    default, 0-550 with the blocks kept: a median 1.07x the tokens/s over twelve alternated pairs of runs
+    (0.85x to 1.12x), peak memory 0.86-0.94 against 0.85-0.91 GiB (AMD EPYC, 2 threads, 40-60 steps).
+    bf16 training on an Intel Xeon with AMX (eighth session) ran slower with them kept: 10,487 and 10,104
+    target tokens/s against 11,111 and 10,589, so bf16 training leaves glibc as it is."""
     set_threads(threads)
     if device.type == "cpu" and precision == "fp32":
         return keep_freed_memory()
