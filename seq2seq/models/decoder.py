@@ -354,10 +354,12 @@ class Decoder(nn.Module):
         emb_gates = self.embedding_products(embedded)  # [B, T, G*D] or None
         gates = [None] * tgt_in.size(1) if emb_gates is None else emb_gates.unbind(1)
         weights = self.cell_weights() if self.manual_cell else None
+        # unbind, not embedded[:, t]: each indexing's backward would add a zeroed [B, T, E] gradient
+        steps = embedded.unbind(1)
         if self.input_feeding:  # each step needs the previous pre-output
             outputs, attns = [], []
             for t in range(tgt_in.size(1)):
-                out, state, a = self.advance(embedded[:, t], state, enc, gates[t], weights)
+                out, state, a = self.advance(steps[t], state, enc, gates[t], weights)
                 outputs.append(out)
                 attns.append(a)
             pre_output = torch.stack(outputs, dim=1)  # [B, T, D]
@@ -365,7 +367,7 @@ class Decoder(nn.Module):
         else:  # the recurrent half step by step, the pre-output layer once for all positions
             outputs, contexts, attns = [], [], []
             for t in range(tgt_in.size(1)):
-                out, context, state, a = self.recur(embedded[:, t], state, enc, gates[t], weights)
+                out, context, state, a = self.recur(steps[t], state, enc, gates[t], weights)
                 outputs.append(out)
                 contexts.append(context)
                 attns.append(a)

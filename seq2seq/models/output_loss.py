@@ -3,7 +3,7 @@
 Training computes logits [N, V] for every target position, a softmax over them, and the same
 again backwards: five or so passes over an N x V float32 tensor (N = 4,000 tokens and V = 8,000 is
 128 MB). On a CPU those passes are bound by memory bandwidth, and cost more than the matrix products.
-Here each chunk of rows goes through logits, softmax, loss and gradient while it is still in cache;
+Here each chunk of rows goes through logits, softmax, loss and gradient in buffers reused for every chunk;
 the gradients are computed in the forward pass and scaled in the backward pass (the loss is a sum, so
 they are linear in its incoming gradient). The result equals ``F.cross_entropy(x @ W.T + b, target,
 ignore_index=PAD, reduction="sum", label_smoothing=eps)`` up to float rounding (tests check).
@@ -17,11 +17,14 @@ import torch.nn.functional as F
 
 from seq2seq.tokenizer import PAD_ID
 
-CHUNK_ROWS = 256  # 256 x 8k logits = 8 MB; 128-1024 rows measured within 20 % of each other here
-# On a GPU the step waits on kernel launches, so chunks are larger: this many logits (32 MB in float32, 1,048
-# rows at 8k vocabulary). Multi30k training on an H100 (paired A/B, 150 batches of 4,000 tokens): 1.10x the
-# speed of 256-row chunks at 589 against 478 MiB peak; 2**25 (one chunk per batch) 1.12x at 822 MiB
-GPU_CHUNK_LOGITS = 2**23
+CHUNK_ROWS = 256  # the fewest rows in a chunk, and bfloat16's on the CPU (256 x 8k logits = 8 MB)
+# float32 chunks hold this many logits (32 MB, 1,048 rows at 8k vocabulary). On a GPU the step waits on kernel
+# launches: Multi30k training on an H100 (paired A/B, 150 batches of 4,000 tokens) ran 1.10x the speed of
+# 256-row chunks at 589 against 478 MiB peak; 2**25 (one chunk per batch) 1.12x at 822 MiB. On a CPU the
+# products run faster with more rows (AMD EPYC, 2 threads: the forward product 117 GFLOP/s at 256 rows, 162 at
+# 1,024): Multi30k's forward and backward passes 1.05x and 1.07x the speed of 256-row chunks (two paired
+# in-process A/Bs of 40 batches), 2,048 rows the same as 1,024 and 4,096 slower (0.94x)
+CHUNK_LOGITS = 2**23
 # In low precision the weight gradient takes the logit gradients of this many rows in one product: each
 # product's [V, D] result is converted to float32 and added, a pass that cost more than the product
 LOW_PRECISION_GROUP_ROWS = 2048
@@ -33,7 +36,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 need_grad: bool):
         # x [N, D], weight [V, D], bias [V] or None, target [N] -> summed loss (0-dim)
         vocab, rows_in = weight.size(0), x.size(0)
-        chunk_rows = chunk_rows_for(x.device, vocab)
+        chunk_rows = chunk_rows_for(x.device, vocab, low_precision is not None)
         real = (target != PAD_ID).nonzero()[:, 0]  # [M] rows with a loss: one device sync per batch, not per chunk
         x, target = x.index_select(0, real), target.index_select(0, real)  # padding rows never enter the loop
         count = x.size(0)
@@ -108,9 +111,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None if grad_b is None else (grad_b * grad_total).to(b_dtype), None, None, None, None)
 
 
-def chunk_rows_for(device: torch.device, vocab: int) -> int:
-    """Rows per chunk: CHUNK_ROWS on the CPU, GPU_CHUNK_LOGITS // vocab (at least CHUNK_ROWS) elsewhere."""
-    return CHUNK_ROWS if device.type == "cpu" else max(CHUNK_ROWS, GPU_CHUNK_LOGITS // vocab)
+def chunk_rows_for(device: torch.device, vocab: int, low_precision: bool = False) -> int:
+    """Rows per chunk: CHUNK_LOGITS // vocab, at least CHUNK_ROWS; CHUNK_ROWS for bfloat16 on the CPU (its
+    products' rows are padded to whole chunks, and its chunk size was measured on an Intel Xeon with AMX)."""
+    if low_precision and device.type == "cpu":
+        return CHUNK_ROWS
+    return max(CHUNK_ROWS, CHUNK_LOGITS // vocab)
 
 
 def _smoothed_nll(logits: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
