@@ -61,7 +61,7 @@ def test_chunked_output_loss_and_gradients_on_cuda(chunk_rows, low_precision, mo
     """37 rows: in 8-row chunks the last is short (no padding rows on the GPU), weight gradients in groups of 2."""
     if chunk_rows:
         monkeypatch.setattr(output_loss, "CHUNK_ROWS", chunk_rows)
-        monkeypatch.setattr(output_loss, "CHUNK_LOGITS", chunk_rows * 30)
+        monkeypatch.setattr(output_loss, "CHUNK_LOGITS", chunk_rows * 30 + 1)
         monkeypatch.setattr(output_loss, "LOW_PRECISION_GROUP_ROWS", 2 * chunk_rows)
     torch.manual_seed(6)
     x, weight, bias = torch.randn(37, 16), torch.randn(30, 16) * 0.3, torch.randn(30)

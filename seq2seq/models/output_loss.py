@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from seq2seq.tokenizer import PAD_ID
 
 CHUNK_ROWS = 256  # the fewest rows in a chunk, and bfloat16's on the CPU (256 x 8k logits = 8 MB)
-# float32 chunks hold this many logits (32 MB, 1,048 rows at 8k vocabulary). On a GPU the step waits on kernel
+# float32 chunks hold fewer logits than this (under 32 MiB: 1,048 rows at 8k vocabulary, 1,023 at 8,192, so
+# that glibc reuses the buffers rather than mapping them afresh: ``runtime.keep_freed_memory``, whose
+# largest block is 32 MiB). On a GPU the step waits on kernel
 # launches: Multi30k training on an H100 (paired A/B, 150 batches of 4,000 tokens) ran 1.10x the speed of
 # 256-row chunks at 589 against 478 MiB peak; 2**25 (one chunk per batch) 1.12x at 822 MiB. On a CPU the
 # products run faster with more rows (AMD EPYC, 2 threads: the forward product 117 GFLOP/s at 256 rows, 162 at
@@ -112,11 +114,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunk_rows_for(device: torch.device, vocab: int, low_precision: bool = False) -> int:
-    """Rows per chunk: CHUNK_LOGITS // vocab, at least CHUNK_ROWS; CHUNK_ROWS for bfloat16 on the CPU (its
-    products' rows are padded to whole chunks, and its chunk size was measured on an Intel Xeon with AMX)."""
+    """Rows per chunk: the most that hold fewer than CHUNK_LOGITS logits, at least CHUNK_ROWS; CHUNK_ROWS for
+    bfloat16 on the CPU (its products' rows are padded to whole chunks, and its chunk size was measured on an
+    Intel Xeon with AMX)."""
     if low_precision and device.type == "cpu":
         return CHUNK_ROWS
-    return max(CHUNK_ROWS, CHUNK_LOGITS // vocab)
+    return max(CHUNK_ROWS, (CHUNK_LOGITS - 1) // vocab)
 
 
 def _smoothed_nll(logits: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
