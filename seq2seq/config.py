@@ -37,7 +37,8 @@ class ModelConfig:
     dec_hidden_size: int = 256
     dec_layers: int = 1
     # none = Cho et al. 2014 context vector; bahdanau = additive attention on the previous state;
-    # luong_dot / luong_general = attention after the RNN step (Luong et al. 2015)
+    # luong_dot / luong_general / luong_concat = attention after the RNN step (Luong et al. 2015; concat is
+    # the additive score, as OpenNMT-py's "mlp" and Joey NMT's "bahdanau" decoders run it)
     attention: str = "bahdanau"
     input_feeding: bool = False  # feed the previous attentional (pre-output) vector to the RNN
     attention_size: int = 256  # hidden size of the additive attention MLP
@@ -56,7 +57,8 @@ class ModelConfig:
         _check_choice("model.init", self.init, ("pytorch", "uniform"))
         if not self.init_range > 0:
             raise ConfigError(f"model.init_range={self.init_range} must be positive")
-        _check_choice("model.attention", self.attention, ("none", "bahdanau", "luong_dot", "luong_general"))
+        _check_choice("model.attention", self.attention, ("none", "bahdanau", "luong_dot", "luong_general",
+                                                               "luong_concat"))
         _check_choice("model.bridge", self.bridge, ("learned", "copy", "zeros"))
         for name in ("emb_size", "enc_hidden_size", "enc_layers", "dec_hidden_size", "dec_layers", "attention_size"):
             _check_positive(f"model.{name}", getattr(self, name))

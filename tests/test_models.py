@@ -14,7 +14,7 @@ from seq2seq.search import greedy_search
 from tests.conftest import tiny_model_config
 
 CELLS = ("rnn", "gru", "lstm")
-MODES = ("none", "bahdanau", "luong_dot", "luong_general")
+MODES = ("none", "bahdanau", "luong_dot", "luong_general", "luong_concat")
 
 
 def random_batch(vocab: int, lengths, seed: int = 0):
@@ -63,7 +63,7 @@ def test_teacher_forced_forward_equals_step_loop(cell, attention, feeding):
         assert torch.allclose(forward_attn, torch.stack(step_attn, 1), atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ["none", "luong_dot", "luong_general"])
+@pytest.mark.parametrize("attention", ["none", "luong_dot", "luong_general", "luong_concat"])
 def test_fused_decoder_equals_loop(attention):
     torch.manual_seed(2)
     model = Seq2Seq(tiny_model_config(cell="lstm", attention=attention, input_feeding=False, dec_layers=2), 20, 20)
@@ -76,7 +76,7 @@ def test_fused_decoder_equals_loop(attention):
     assert torch.allclose(fused, looped, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["bahdanau", "luong_general"])
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_general", "luong_concat"])
 def test_padding_gets_no_attention_and_changes_nothing(attention):
     torch.manual_seed(3)
     model = Seq2Seq(tiny_model_config(attention=attention), 20, 20).eval()

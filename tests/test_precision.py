@@ -49,7 +49,8 @@ def assert_bf16_steps_close(full, half):
 
 
 @pytest.mark.parametrize("cell,attention,feeding", [
-    ("gru", "bahdanau", True), ("lstm", "luong_general", True), ("rnn", "luong_dot", False), ("gru", "none", False)])
+    ("gru", "bahdanau", True), ("lstm", "luong_general", True), ("rnn", "luong_dot", False), ("gru", "none", False),
+    ("gru", "luong_concat", True)])
 def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
     """translate --bf16: every product of the step from bfloat16 weights cast once; the step loop stays close."""
     torch.manual_seed(3)
@@ -59,8 +60,9 @@ def test_bf16_decoding_steps_are_close_to_fp32(cell, attention, feeding):
     full, half = decoding_steps_fp32_and_bf16(model, batch)
     cached = [v for name, (_, v) in model.decoder._decoding_cache.items()
               if isinstance(name, tuple) and name[0] == "bf16"]  # not "cell" or fp32's "packed output"
-    # per layer its input and recurrent weights, the pre-output and output layers, Bahdanau's query projection
-    assert len(cached) == (7 if attention == "bahdanau" else 6) and all(w.dtype == torch.bfloat16 for w in cached)
+    # per layer its input and recurrent weights, the pre-output and output layers, the additive query projection
+    additive = attention in ("bahdanau", "luong_concat")
+    assert len(cached) == (7 if additive else 6) and all(w.dtype == torch.bfloat16 for w in cached)
     assert_bf16_steps_close(full, half)
 
 

@@ -6,8 +6,9 @@ Conditioning modes (``ModelConfig.attention``):
 - ``bahdanau``: additive attention whose query is the previous decoder state; the context is fed to
   the RNN and the output layer (with input feeding, the previous pre-output vector is fed too, as in
   Joey NMT and OpenNMT-py).
-- ``luong_dot`` / ``luong_general``: the RNN steps first, then attends with its new state; the
-  attentional vector tanh(W [h; c]) predicts the word and, with input feeding, is fed to the next step.
+- ``luong_dot`` / ``luong_general`` / ``luong_concat``: the RNN steps first, then attends with its new state
+  (concat: the additive score v . tanh(W_q h + W_k m), as OpenNMT-py's and Joey NMT's recurrent decoders);
+  the attentional vector tanh(W [h; c]) predicts the word and, with input feeding, is fed to the next step.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class Decoder(nn.Module):
 
         rnn_input = emb_size + (dec_size if self.input_feeding else 0) + (0 if self.luong else enc_size)  # [y; h~; c]
         self.rnn = make_rnn(cfg.cell, rnn_input, dec_size, cfg.dec_layers, cfg.dropout)
-        if cfg.attention == "bahdanau":
+        if cfg.attention in ("bahdanau", "luong_concat"):
             self.attention = AdditiveAttention(dec_size, enc_size, cfg.attention_size)
         elif self.luong:
             self.attention = MultiplicativeAttention(dec_size, enc_size, general=cfg.attention == "luong_general")
