@@ -40,7 +40,8 @@ def steps_of(hyp, limit):
 
 
 @pytest.mark.parametrize("cell,attention,vocab", [(c, a, VOCAB) for c, a in itertools.product(
-    ("gru", "lstm"), ("bahdanau", "luong_general", "none"))] + [("gru", "bahdanau", 256), ("gru", "luong_concat", VOCAB)])
+    ("gru", "lstm"), ("bahdanau", "luong_general", "none"))] + [("gru", "bahdanau", 256),
+                                                                  ("gru", "luong_concat", VOCAB)])
 def test_beam_size_one_is_greedy(cell, attention, vocab):
     """vocab 256: beam search ranks candidates through vocabulary blocks (the fast path)."""
     batch = random_sources(12, vocab=vocab)
