@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from seq2seq.tokenizer import PAD_ID
 
 CHUNK_ROWS = 256  # the fewest rows in a chunk, and bfloat16's on the CPU (256 x 8k logits = 8 MB)
-# float32 chunks hold fewer logits than this (under 32 MiB: 1,048 rows at 8k vocabulary, 1,023 at 8,192, so
-# that glibc reuses the buffers rather than mapping them afresh: ``runtime.keep_freed_memory``, whose
-# largest block is 32 MiB). On a GPU the step waits on kernel
-# launches: Multi30k training on an H100 (paired A/B, 150 batches of 4,000 tokens) ran 1.10x the speed of
-# 256-row chunks at 589 against 478 MiB peak; 2**25 (one chunk per batch) 1.12x at 822 MiB. On a CPU the
-# products run faster with more rows (AMD EPYC, 2 threads: the forward product 117 GFLOP/s at 256 rows, 162 at
-# 1,024): Multi30k's forward and backward passes 1.05x and 1.07x the speed of 256-row chunks (two paired
-# in-process A/Bs of 40 batches), 2,048 rows the same as 1,024 and 4,096 slower (0.94x)
+# float32 chunks hold fewer logits than this: under 32 MiB (1,048 rows at 8k vocabulary, 1,023 at 8,192), so
+# that glibc reuses their buffers rather than mapping them afresh (``runtime.keep_freed_memory``'s largest
+# block is 32 MiB). On a GPU the step waits on kernel launches: Multi30k training on an H100 (paired A/B, 150
+# batches of 4,000 tokens) ran 1.10x the speed of 256-row chunks at 589 against 478 MiB peak; 2**25 (one chunk
+# per batch) 1.12x at 822 MiB. On a CPU the products run faster with more rows (AMD EPYC, 2 threads: the
+# forward product 117 GFLOP/s at 256 rows, 162 at 1,024): Multi30k's forward and backward passes 1.05x and
+# 1.07x the speed of 256-row chunks (two paired in-process A/Bs of 40 batches), 2,048 rows the same as 1,024,
+# 4,096 slower (0.94x)
 CHUNK_LOGITS = 2**23
 # In low precision the weight gradient takes the logit gradients of this many rows in one product: each
 # product's [V, D] result is converted to float32 and added, a pass that cost more than the product
