@@ -54,7 +54,6 @@ _kernel: dict = {}  # "kernel" -> _Kernel or None: built (or found unbuildable) 
 _build_lock = threading.Lock()  # so that threads decoding side by side all see it built, or all not
 
 
-
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seq2seq"
 
