@@ -226,17 +226,20 @@ def test_chunks_hold_a_fixed_number_of_logits_but_bfloat16_on_the_cpu_a_fixed_nu
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_chunked_output_loss_of_a_target_far_below_the_rest(label_smoothing):
-    """The loss takes log p(target) from the softmax; a target with log p < -110 (p is 0 in float32) still
-    gets its exact loss, and its gradient stays finite."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_output_loss_of_a_target_far_below_the_rest(label_smoothing, with_bias):
+    """The loss takes log p(target) from the softmax, which overwrites the logits; a target with log p < -110
+    (p is 0 in float32) still gets its exact loss (its row's logits computed again), and a finite gradient."""
     torch.manual_seed(7)
     x, weight = torch.randn(6, 8), torch.randn(10, 8)
+    bias = torch.randn(10) if with_bias else None
     x[2] = weight[3] * 80  # row 2 puts logit 3 far above the rest
     target = torch.tensor([1, 4, 5, 0, 9, 2])  # row 2's target is another token (0 is padding: ignored)
     x.requires_grad_(True)
-    expected = F.cross_entropy(x @ weight.t(), target, ignore_index=0, reduction="sum", label_smoothing=label_smoothing)
+    expected = F.cross_entropy(F.linear(x, weight, bias), target, ignore_index=0, reduction="sum",
+                               label_smoothing=label_smoothing)
     assert (x[2] @ weight.t()).max() - (x[2] @ weight[5]) > 110
-    loss = output_loss.linear_cross_entropy(x, weight, None, target, label_smoothing)
+    loss = output_loss.linear_cross_entropy(x, weight, bias, target, label_smoothing)
     assert torch.allclose(loss, expected, rtol=1e-5)
     grad, expected_grad = torch.autograd.grad(loss, x)[0], torch.autograd.grad(expected, x)[0]
     assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-4)

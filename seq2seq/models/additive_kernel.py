@@ -10,8 +10,11 @@ The C file is compiled on first use with the system's C compiler (``$CC``, else 
 into ``$XDG_CACHE_HOME/seq2seq`` (``~/.cache/seq2seq``), and loaded with ctypes: no build step at install
 and no compiler needed to run without it. Without a compiler, on other devices and types, and where
 ``SEQ2SEQ_ADDITIVE_KERNEL=0``, the attention takes its ATen path (the same scores, within float rounding).
-The kernel runs on the calling thread: sharing a batch out over the torch threads (a pool of Python threads;
-ctypes releases the GIL) was no faster here, and translate's ``--workers`` already decode side by side.
+The kernel shares a batch's sentences out over torch's threads through OpenMP (``-fopenmp``; the library then
+uses the OpenMP runtime torch has loaded, so its threads are torch's own, already awake after the step's
+matrix products): the training step's calls ran 1.9x as fast on two threads (README, Speed and scale). A
+pool of Python threads had been no faster: torch's OpenMP workers spin after each product, on the cores
+those threads wanted. Without OpenMP the library is built without it and runs on the calling thread.
 """
 from __future__ import annotations
 
@@ -34,16 +37,19 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "additive_scores.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast",
          "-shared", "-fPIC"]
+OPENMP_FLAGS = ["-fopenmp"]  # left out where the compiler cannot build with them (one thread then)
 COMPILE_TIMEOUT_S = 120  # 0.2 s here: a compiler that hangs must not hang training
+PARALLEL_ELEMENTS = 2**15  # fewer [B, T, S, A] elements than this run on one thread (~15 us of work)
+SENTENCES_PER_PART = 8  # as in the C file: v's gradient comes in one part per this many sentences
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 
 
 class _Kernel:
-    """The loaded library's two functions, each over the sentences b0 <= b < b1 of a batch."""
+    """The loaded library's two functions."""
 
     def __init__(self, library: ctypes.CDLL):
         self.forward = library.additive_scores_forward
-        self.forward.argtypes = [_POINTER] * 5 + [_INT] * 5
+        self.forward.argtypes = [_POINTER] * 5 + [_INT] * 5  # ..., B, T, S, A, threads
         self.forward.restype = None
         self.backward = library.additive_scores_backward
         self.backward.argtypes = [_POINTER] * 8 + [_INT] * 5
@@ -51,6 +57,11 @@ class _Kernel:
 
 
 _kernel: dict = {}  # "kernel" -> _Kernel or None: built (or found unbuildable) once per process
+# True in a forked child, which runs the kernel on one thread: GNU OpenMP's threads are its parent's, not there,
+# and a parallel region would wait for them for ever
+_forked = {"child": False}
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _forked.update(child=True))
 _build_lock = threading.Lock()  # so that threads decoding side by side all see it built, or all not
 
 
@@ -69,14 +80,25 @@ def _cpu_identity() -> str:
 
 
 def build(cache_dir: Optional[Path] = None) -> Path:
-    """Compile the kernel (or find it compiled) and return the shared library's path. Raises RuntimeError
-    with the compiler's message when it cannot be built."""
+    """Compile the kernel (or find it compiled) with OpenMP, else without, and return the shared library's path.
+    Raises RuntimeError with the compiler's message when it cannot be built."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC to one)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode() + _cpu_identity().encode()).hexdigest()
     cache_dir = cache_dir or _cache_dir()
+    try:
+        return _build(compiler, FLAGS + OPENMP_FLAGS, cache_dir)
+    except _CompilerFailed:
+        return _build(compiler, FLAGS, cache_dir)
+
+
+class _CompilerFailed(RuntimeError):
+    pass
+
+
+def _build(compiler: str, flags: list, cache_dir: Path) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler] + flags).encode() + _cpu_identity().encode()).hexdigest()
     target = cache_dir / f"additive_scores-{key[:16]}.so"
     if target.exists():
         return target
@@ -84,12 +106,12 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # built aside, then renamed: never half-written
         built = Path(tmp) / target.name
         try:
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True,
+            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True,
                                     text=True, timeout=COMPILE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{compiler} took over {COMPILE_TIMEOUT_S} s on {SOURCE}") from None
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE}: {result.stderr.strip()[:500]}")
+            raise _CompilerFailed(f"{compiler} failed on {SOURCE}: {result.stderr.strip()[:500]}")
         os.replace(built, target)
     return target
 
@@ -117,7 +139,12 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def _sizes(query: torch.Tensor, keys: torch.Tensor) -> tuple:
-    return query.size(1), keys.size(1), keys.size(2)  # T, S, A
+    """B, T, S, A and the threads to run them on (torch's count, one for small work)."""
+    sizes = (query.size(0), query.size(1), keys.size(1), keys.size(2))
+    threads = torch.get_num_threads() if sizes[0] * sizes[1] * sizes[2] * sizes[3] >= PARALLEL_ELEMENTS else 1
+    if _forked["child"]:
+        threads = 1
+    return (*sizes, threads)
 
 
 def _scores(query, keys, v, mask) -> torch.Tensor:
@@ -128,7 +155,7 @@ def _scores(query, keys, v, mask) -> torch.Tensor:
         raise ValueError(f"additive scores: query {tuple(query.shape)}, keys {tuple(keys.shape)}, v "
                          f"{tuple(v.shape)} and mask {tuple(mask.shape)} do not fit [B, T, A], [B, S, A], [A], [B, S]")
     scores = query.new_empty(batch, query.size(1), length)
-    kernel().forward(*(t.data_ptr() for t in (query, keys, v, mask, scores)), 0, batch, *_sizes(query, keys))
+    kernel().forward(*(t.data_ptr() for t in (query, keys, v, mask, scores)), *_sizes(query, keys))
     return scores
 
 
@@ -147,10 +174,11 @@ class AdditiveScores(torch.autograd.Function):
     def backward(ctx, grad):
         query, keys, v, mask = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_query, grad_keys, grad_v = torch.empty_like(query), torch.empty_like(keys), torch.zeros_like(v)
-        kernel().backward(*(t.data_ptr() for t in (query, keys, v, mask, grad, grad_query, grad_keys, grad_v)),
-                          0, query.size(0), *_sizes(query, keys))
-        return grad_query, grad_keys, grad_v, None
+        grad_query, grad_keys = torch.empty_like(query), torch.empty_like(keys)
+        grad_v_parts = v.new_empty(-(-query.size(0) // SENTENCES_PER_PART), v.size(0))  # [parts, A]
+        kernel().backward(*(t.data_ptr() for t in (query, keys, v, mask, grad, grad_query, grad_keys, grad_v_parts)),
+                          *_sizes(query, keys))
+        return grad_query, grad_keys, grad_v_parts.sum(0), None
 
 
 def additive_scores(query: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

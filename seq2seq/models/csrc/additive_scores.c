@@ -5,8 +5,10 @@
  *
  * ATen computes this as a [B, T, S, A] sum, a tanh and a product with v, and its gradient in as many
  * passes again, saving the tanh for the backward pass. Here each element is formed, used and dropped in
- * registers, the backward pass recomputes the tanh, and masked (padding) positions are skipped. Each call
- * handles the sentences b0 <= b < b1. All tensors are contiguous float32.
+ * registers, the backward pass recomputes the tanh, and masked (padding) positions are skipped. The
+ * sentences are shared out over ``threads`` OpenMP threads (built with -fopenmp, the process's one OpenMP
+ * runtime, torch's; otherwise the pragmas are ignored and one thread runs it all): sentence b's results
+ * are computed by one thread, the same whatever the thread count. All tensors are contiguous float32.
  */
 #include <stdint.h>
 #include <string.h>
@@ -36,8 +38,9 @@ static inline float tanh_rational(float x) {
 /* q [B, T, A], k [B, S, A], v [A], mask [B, S] (1 = real) -> scores [B, T, S]; 0 at masked positions. */
 void additive_scores_forward(const float *restrict q, const float *restrict k, const float *restrict v,
                              const uint8_t *restrict mask, float *restrict scores,
-                             int64_t b0, int64_t b1, int64_t T, int64_t S, int64_t A) {
-    for (int64_t b = b0; b < b1; ++b) {
+                             int64_t B, int64_t T, int64_t S, int64_t A, int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
         for (int64_t t = 0; t < T; ++t) {
             const float *restrict qt = q + (b * T + t) * A;
             float *restrict out = scores + (b * T + t) * S;
@@ -56,30 +59,40 @@ void additive_scores_forward(const float *restrict q, const float *restrict k, c
 
 /* Given g = dL/dscores [B, T, S] (0 at masked positions), with y = tanh(q + k) and
  * d = g v (1 - y^2): grad_q[b, t] = sum_s d, grad_k[b, s] = sum_t d (both written, not added to), and
- * grad_v += sum_{b, t, s} g y (added to: callers give each thread its own). */
+ * v's gradient sum_{b, t, s} g y in parts: grad_v_parts[p] (written) sums the sentences
+ * p * SENTENCES_PER_PART <= b < (p + 1) * SENTENCES_PER_PART, so that the caller's sum of the parts does
+ * not depend on how many threads ran them. */
+#define SENTENCES_PER_PART 8
 void additive_scores_backward(const float *restrict q, const float *restrict k, const float *restrict v,
                               const uint8_t *restrict mask, const float *restrict g,
-                              float *restrict grad_q, float *restrict grad_k, float *restrict grad_v,
-                              int64_t b0, int64_t b1, int64_t T, int64_t S, int64_t A) {
-    memset(grad_q + b0 * T * A, 0, (size_t)((b1 - b0) * T * A) * sizeof(float));
-    for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t s = 0; s < S; ++s) {
-            float *restrict gk = grad_k + (b * S + s) * A;
-            memset(gk, 0, (size_t)A * sizeof(float));
-            if (!mask[b * S + s]) continue;
-            const float *restrict ks = k + (b * S + s) * A;
-            for (int64_t t = 0; t < T; ++t) {
-                const float gs = g[(b * T + t) * S + s];
-                if (gs == 0.f) continue;
-                const float *restrict qt = q + (b * T + t) * A;
-                float *restrict gq = grad_q + (b * T + t) * A;
+                              float *restrict grad_q, float *restrict grad_k, float *restrict grad_v_parts,
+                              int64_t B, int64_t T, int64_t S, int64_t A, int64_t threads) {
+    const int64_t parts = (B + SENTENCES_PER_PART - 1) / SENTENCES_PER_PART;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t part = 0; part < parts; ++part) {
+        float *restrict gv = grad_v_parts + part * A;
+        memset(gv, 0, (size_t)A * sizeof(float));
+        const int64_t b_end = (part + 1) * SENTENCES_PER_PART < B ? (part + 1) * SENTENCES_PER_PART : B;
+        for (int64_t b = part * SENTENCES_PER_PART; b < b_end; ++b) {
+            memset(grad_q + b * T * A, 0, (size_t)(T * A) * sizeof(float));
+            for (int64_t s = 0; s < S; ++s) {
+                float *restrict gk = grad_k + (b * S + s) * A;
+                memset(gk, 0, (size_t)A * sizeof(float));
+                if (!mask[b * S + s]) continue;
+                const float *restrict ks = k + (b * S + s) * A;
+                for (int64_t t = 0; t < T; ++t) {
+                    const float gs = g[(b * T + t) * S + s];
+                    if (gs == 0.f) continue;
+                    const float *restrict qt = q + (b * T + t) * A;
+                    float *restrict gq = grad_q + (b * T + t) * A;
 #pragma omp simd
-                for (int64_t a = 0; a < A; ++a) {
-                    const float y = tanh_rational(qt[a] + ks[a]);
-                    const float d = gs * v[a] * (1.f - y * y);
-                    grad_v[a] += gs * y;
-                    gq[a] += d;
-                    gk[a] += d;
+                    for (int64_t a = 0; a < A; ++a) {
+                        const float y = tanh_rational(qt[a] + ks[a]);
+                        const float d = gs * v[a] * (1.f - y * y);
+                        gv[a] += gs * y;
+                        gq[a] += d;
+                        gk[a] += d;
+                    }
                 }
             }
         }
