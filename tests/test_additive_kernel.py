@@ -1,6 +1,6 @@
-"""The additive attention's C kernel: the scores and their gradients against float64 ATen, the attention
-with and without it, threads and forked processes, the compiled library's cache, and the fall-back without a
-compiler."""
+"""The additive attention's C kernel: context, weights and their gradients against float64 ATen, the attention
+module with and without it, threads and forked processes, the compiled library's cache, and the fall-back without
+a compiler."""
 import logging
 import os
 import shutil
@@ -14,60 +14,70 @@ from seq2seq.models.attention import AdditiveAttention
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
 
 
-def reference(query, keys, v):
-    return torch.tanh(query[:, :, None, :] + keys[:, None, :, :]) @ v  # [B, T, S]
+def reference(query, keys, v, memory, mask):
+    """(context [B, T, H], weights [B, T, S]) in ATen ops."""
+    scores = torch.tanh(query[:, :, None, :] + keys[:, None, :, :]) @ v  # [B, T, S]
+    weights = torch.softmax(scores.masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
+    return weights @ memory, weights
 
 
-def inputs(batch, steps, length, size, seed=0):
+def inputs(batch, steps, length, size, seed=0, width=None):
+    """query [B, T, A], keys [B, S, A], v [A], memory [B, S, H], mask [B, S] (position 0 always real)."""
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, steps, size, generator=generator)
     keys = torch.randn(batch, length, size, generator=generator)
     v = torch.randn(size, generator=generator)
+    memory = torch.randn(batch, length, width or size + 3, generator=generator)
     mask = torch.rand(batch, length, generator=generator) > 0.3
     mask[:, 0] = True
-    return query, keys, v, mask
+    return query, keys, v, memory, mask
 
 
 @needs_compiler
 @pytest.mark.parametrize("shape", [(3, 1, 5, 16), (4, 3, 7, 37), (2, 1, 1, 8)])  # 37: not a multiple of the SIMD width
-def test_scores_and_gradients_match_float64(shape):
-    query, keys, v, mask = inputs(*shape)
-    grad = torch.randn(shape[0], shape[1], shape[2]) * mask[:, None, :]  # softmax gives 0 at masked positions
-    exact = [x.double().requires_grad_() for x in (query, keys, v)]
-    expected = reference(*exact)
-    expected.backward(grad.double())
-    ours = [x.clone().requires_grad_() for x in (query, keys, v)]
-    scores = additive_kernel.additive_scores(*ours, mask)
-    scores.backward(grad)
-    real = mask[:, None, :].expand_as(scores)
-    assert (scores.double() - expected)[real].abs().max() < 1e-5
-    assert (scores[~real] == 0).all()  # masked positions are skipped (the softmax masks them out)
+@pytest.mark.parametrize("weights_used", [False, True])  # the weights' gradient: none, or one
+def test_context_weights_and_gradients_match_float64(shape, weights_used):
+    query, keys, v, memory, mask = inputs(*shape)
+    grad_context = torch.randn(shape[0], shape[1], memory.size(2))
+    grad_weights = torch.randn(shape[0], shape[1], shape[2])
+    exact = [x.double().requires_grad_() for x in (query, keys, v, memory)]
+    expected = reference(*exact, mask)
+    ours = [x.clone().requires_grad_() for x in (query, keys, v, memory)]
+    context, weights = additive_kernel.additive_attention(*ours, mask)
+    if weights_used:
+        torch.autograd.backward(expected, [grad_context.double(), grad_weights.double()])
+        torch.autograd.backward((context, weights), [grad_context, grad_weights])
+    else:
+        expected[0].backward(grad_context.double())
+        context.backward(grad_context)
+    assert (context.double() - expected[0]).abs().max() < 1e-5
+    assert (weights.double() - expected[1]).abs().max() < 1e-6
+    assert (weights[~mask[:, None, :].expand_as(weights)] == 0).all()  # masked positions: exactly 0
     for mine, theirs in zip(ours, exact):
         assert (mine.grad.double() - theirs.grad).abs().max() < 1e-5 * max(1.0, theirs.grad.abs().max().item())
-    with torch.no_grad():  # the no-grad path gives the same scores
-        assert torch.equal(additive_kernel.additive_scores(query, keys, v, mask), scores.detach())
+    with torch.no_grad():  # the no-grad path gives the same results
+        found = additive_kernel.additive_attention(query, keys, v, memory, mask)
+    assert torch.equal(found[0], context.detach()) and torch.equal(found[1], weights.detach())
 
 
 @needs_compiler
-def test_scores_and_gradients_do_not_depend_on_the_thread_count():
-    query, keys, v, mask = inputs(37, 2, 9, 64, seed=1)  # 42,624 elements: shared out over the threads
+def test_results_and_gradients_do_not_depend_on_the_thread_count():
+    query, keys, v, memory, mask = inputs(37, 2, 9, 64, seed=1)  # 42,624 elements: shared out over the threads
     assert query.numel() * keys.size(1) >= additive_kernel.PARALLEL_ELEMENTS
-    grad = torch.randn(37, 2, 9) * mask[:, None, :]
+    grad = torch.randn(37, 2, memory.size(2))
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 3):
             torch.set_num_threads(count)
-            ours = [x.clone().requires_grad_() for x in (query, keys, v)]
-            scores = additive_kernel.additive_scores(*ours, mask)
-            scores.backward(grad)
-            results.append([scores.detach()] + [x.grad for x in ours])
+            ours = [x.clone().requires_grad_() for x in (query, keys, v, memory)]
+            context, weights = additive_kernel.additive_attention(*ours, mask)
+            context.backward(grad)
+            results.append([context.detach(), weights.detach()] + [x.grad for x in ours])
     finally:
         torch.set_num_threads(threads)
-    (one, *one_grads), (three, *three_grads) = results
-    assert torch.equal(one, three)
-    assert all(torch.equal(a, b) for a, b in zip(one_grads, three_grads))  # v's too: summed in fixed parts
-    assert torch.allclose(one, reference(query, keys, v) * mask[:, None, :], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(*results))  # v's gradient too: summed in fixed parts
+    assert torch.allclose(results[0][0], reference(query, keys, v, memory, mask)[0], atol=1e-5)
 
 
 @needs_compiler
@@ -94,9 +104,11 @@ def test_attention_with_and_without_the_kernel(monkeypatch):
 
 
 def test_wrong_shapes_are_refused_before_the_kernel_reads_memory():
-    query, keys, v, mask = inputs(2, 1, 4, 8)
+    query, keys, v, memory, mask = inputs(2, 1, 4, 8)
     with pytest.raises(ValueError, match="do not fit"):
-        additive_kernel._scores(query, keys[:, :, :6].contiguous(), v, mask.view(torch.uint8))
+        additive_kernel._forward(query, keys[:, :, :6].contiguous(), v, memory, mask.view(torch.uint8))
+    with pytest.raises(ValueError, match="do not fit"):
+        additive_kernel._forward(query, keys, v, memory[:, :3].contiguous(), mask.view(torch.uint8))
 
 
 @needs_compiler
@@ -124,23 +136,23 @@ def test_without_a_compiler_the_aten_path_is_taken(monkeypatch, tmp_path, caplog
 
 def test_a_failing_compiler_names_the_file(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")
-    with pytest.raises(RuntimeError, match="additive_scores.c"):
+    with pytest.raises(RuntimeError, match="additive_attention.c"):
         additive_kernel.build(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 @needs_compiler
-def test_threads_calling_at_once_get_their_own_scores(monkeypatch):
+def test_threads_calling_at_once_get_their_own_results(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(additive_kernel, "_kernel", {})  # built while the callers race for it
     problems = [inputs(5 + i, 2, 7, 24, seed=i) for i in range(6)]
-    expected = [reference(q, k, v) * m[:, None, :] for q, k, v, m in problems]
+    expected = [reference(*problem)[0] for problem in problems]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with ThreadPoolExecutor(3) as pool:
-            found = list(pool.map(lambda p: additive_kernel.additive_scores(*p), problems))
+            found = list(pool.map(lambda p: additive_kernel.additive_attention(*p)[0], problems))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.allclose(f, e, atol=1e-5) for f, e in zip(found, expected))
@@ -158,19 +170,19 @@ def test_a_compiler_that_hangs_is_given_up(monkeypatch, tmp_path):
 
 def _scores_in_child(problem, queue):
     torch.set_num_threads(2)
-    queue.put(additive_kernel.additive_scores(*problem).tolist())
+    queue.put(additive_kernel.additive_attention(*problem)[0].tolist())
 
 
 @needs_compiler
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_a_forked_child_computes_the_scores():
+def test_a_forked_child_computes_the_attention():
     import multiprocessing
 
     problem = inputs(30, 1, 9, 128, seed=3)  # large enough to be shared out over threads
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        expected = additive_kernel.additive_scores(*problem)  # built, loaded and its threads started in the parent
+        expected = additive_kernel.additive_attention(*problem)[0]  # built, loaded, threads started in the parent
     finally:
         torch.set_num_threads(threads)
     context = multiprocessing.get_context("fork")

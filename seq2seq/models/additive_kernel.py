@@ -1,20 +1,22 @@
-"""The additive attention's scores v . tanh(q + k) as one C kernel on float32 CPU tensors.
+"""The additive attention (scores v . tanh(q + k), masked softmax, context) as one C kernel on float32 CPU tensors.
 
 ATen forms the [B, T, S, A] sum, its tanh and the product with v as separate passes over memory, saves
-the tanh for the backward pass and takes the energy's gradient as a matrix product with an inner size of 1.
-The kernel (``csrc/additive_scores.c``) does each direction in one pass that keeps every element in
-registers, recomputes the tanh in the backward pass instead of saving it, and skips padding: less memory in
-training (no saved [B, S, A] tanh per step) and faster decoding (README, Speed and scale).
+the tanh for the backward pass and takes the energy's gradient as a matrix product with an inner size of 1;
+the softmax and the context's batched product follow as more passes, and in training the memory's gradient
+is a batched outer product per step that ran at 1-5 GFLOP/s. The kernel (``csrc/additive_attention.c``) does
+each direction in one pass that keeps every element in registers, recomputes the tanh in the backward pass
+instead of saving it, and skips padding: less memory in training (no saved [B, S, A] tanh per step), faster
+training and decoding (README, Speed and scale).
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``) for this CPU,
 into ``$XDG_CACHE_HOME/seq2seq`` (``~/.cache/seq2seq``), and loaded with ctypes: no build step at install
 and no compiler needed to run without it. Without a compiler, on other devices and types, and where
-``SEQ2SEQ_ADDITIVE_KERNEL=0``, the attention takes its ATen path (the same scores, within float rounding).
+``SEQ2SEQ_ADDITIVE_KERNEL=0``, the attention takes its ATen path (the same results, within float rounding).
 The kernel shares a batch's sentences out over torch's threads through OpenMP (``-fopenmp``; the library then
 uses the OpenMP runtime torch has loaded, so its threads are torch's own, already awake after the step's
-matrix products): the training step's calls ran 1.9x as fast on two threads (README, Speed and scale). A
-pool of Python threads had been no faster: torch's OpenMP workers spin after each product, on the cores
-those threads wanted. Without OpenMP the library is built without it and runs on the calling thread.
+matrix products). A pool of Python threads had been no faster: torch's OpenMP workers spin after each
+product, on the cores those threads wanted. Where the compiler cannot build with OpenMP the library is built
+without it and runs on the calling thread.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "additive_scores.c"
+SOURCE = Path(__file__).parent / "csrc" / "additive_attention.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast",
          "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]  # left out where the compiler cannot build with them (one thread then)
@@ -48,11 +50,11 @@ class _Kernel:
     """The loaded library's two functions."""
 
     def __init__(self, library: ctypes.CDLL):
-        self.forward = library.additive_scores_forward
-        self.forward.argtypes = [_POINTER] * 5 + [_INT] * 5  # ..., B, T, S, A, threads
+        self.forward = library.additive_attention_forward
+        self.forward.argtypes = [_POINTER] * 7 + [_INT] * 6  # ..., B, T, S, A, H, threads
         self.forward.restype = None
-        self.backward = library.additive_scores_backward
-        self.backward.argtypes = [_POINTER] * 8 + [_INT] * 5
+        self.backward = library.additive_attention_backward
+        self.backward.argtypes = [_POINTER] * 13 + [_INT] * 6
         self.backward.restype = None
 
 
@@ -126,7 +128,7 @@ def kernel() -> Optional[_Kernel]:
                     try:
                         loaded = _Kernel(ctypes.CDLL(str(build())))
                     except (OSError, RuntimeError) as error:
-                        log.warning("additive attention: the C kernel is not used (%s); ATen computes the scores",
+                        log.warning("additive attention: the C kernel is not used (%s); ATen computes it",
                                     error)
                 _kernel["kernel"] = loaded
     return _kernel["kernel"]
@@ -138,56 +140,69 @@ def usable(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and kernel() is not None)
 
 
-def _sizes(query: torch.Tensor, keys: torch.Tensor) -> tuple:
-    """B, T, S, A and the threads to run them on (torch's count, one for small work)."""
-    sizes = (query.size(0), query.size(1), keys.size(1), keys.size(2))
-    threads = torch.get_num_threads() if sizes[0] * sizes[1] * sizes[2] * sizes[3] >= PARALLEL_ELEMENTS else 1
+def _sizes(query: torch.Tensor, memory: torch.Tensor) -> tuple:
+    """B, T, S, A, H and the threads to run them on (torch's count, one for small work)."""
+    (batch, steps, size), (length, width) = query.shape, memory.shape[1:]
+    threads = torch.get_num_threads() if batch * steps * length * size >= PARALLEL_ELEMENTS else 1
     if _forked["child"]:
         threads = 1
-    return (*sizes, threads)
+    return batch, steps, length, size, width, threads
 
 
-def _scores(query, keys, v, mask) -> torch.Tensor:
-    """The forward pass on contiguous tensors (mask as uint8). The kernel reads raw memory, so the shapes
-    are checked here rather than trusted."""
-    (batch, _, size), (key_batch, length, key_size) = query.shape, keys.shape
-    if (key_batch, key_size, tuple(v.shape), tuple(mask.shape)) != (batch, size, (size,), (batch, length)):
-        raise ValueError(f"additive scores: query {tuple(query.shape)}, keys {tuple(keys.shape)}, v "
-                         f"{tuple(v.shape)} and mask {tuple(mask.shape)} do not fit [B, T, A], [B, S, A], [A], [B, S]")
-    scores = query.new_empty(batch, query.size(1), length)
-    kernel().forward(*(t.data_ptr() for t in (query, keys, v, mask, scores)), *_sizes(query, keys))
-    return scores
+def _forward(query, keys, v, memory, mask) -> tuple:
+    """The forward pass on contiguous tensors (mask as uint8) -> (context, weights). The kernel reads raw
+    memory, so the shapes are checked here rather than trusted."""
+    (batch, steps, size), (length, width) = query.shape, memory.shape[1:]
+    if (tuple(keys.shape), tuple(v.shape), tuple(mask.shape), memory.size(0)) != (
+            (batch, length, size), (size,), (batch, length), batch):
+        raise ValueError(f"additive attention: query {tuple(query.shape)}, keys {tuple(keys.shape)}, v "
+                         f"{tuple(v.shape)}, memory {tuple(memory.shape)} and mask {tuple(mask.shape)} do not fit "
+                         "[B, T, A], [B, S, A], [A], [B, S, H], [B, S]")
+    weights, context = query.new_empty(batch, steps, length), query.new_empty(batch, steps, width)
+    kernel().forward(*(t.data_ptr() for t in (query, keys, v, mask, memory, weights, context)),
+                     *_sizes(query, memory))
+    return context, weights
 
 
-class AdditiveScores(torch.autograd.Function):
-    """query [B, T, A], keys [B, S, A], v [A], mask [B, S] bool (True = real) -> scores [B, T, S] (0 where
-    masked: the caller masks them out)."""
+class AdditiveAttentionFunction(torch.autograd.Function):
+    """query [B, T, A], keys [B, S, A], v [A], memory [B, S, H], mask [B, S] bool (True = real)
+    -> context [B, T, H], weights [B, T, S] (0 at masked positions)."""
 
     @staticmethod
-    def forward(ctx, query, keys, v, mask):
-        inputs = _contiguous(query, keys, v, mask)
-        ctx.save_for_backward(*inputs)
-        return _scores(*inputs)
+    def forward(ctx, query, keys, v, memory, mask):
+        inputs = _contiguous(query, keys, v, memory, mask)
+        context, weights = _forward(*inputs)
+        ctx.save_for_backward(*inputs, weights)
+        ctx.set_materialize_grads(False)
+        return context, weights
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        query, keys, v, mask = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_query, grad_keys = torch.empty_like(query), torch.empty_like(keys)
+    def backward(ctx, grad_context, grad_weights):
+        query, keys, v, memory, mask, weights = ctx.saved_tensors
+        grad_context = weights.new_zeros(weights.shape[:2] + memory.shape[2:]) if grad_context is None \
+            else grad_context.contiguous()
+        grad_weights = None if grad_weights is None else grad_weights.contiguous()
+        grad_query, grad_keys, grad_memory = torch.empty_like(query), torch.empty_like(keys), torch.empty_like(memory)
+        grad_scores = torch.empty_like(weights)  # the kernel's scratch
         grad_v_parts = v.new_empty(-(-query.size(0) // SENTENCES_PER_PART), v.size(0))  # [parts, A]
-        kernel().backward(*(t.data_ptr() for t in (query, keys, v, mask, grad, grad_query, grad_keys, grad_v_parts)),
-                          *_sizes(query, keys))
-        return grad_query, grad_keys, grad_v_parts.sum(0), None
+        pointers = [t.data_ptr() for t in (query, keys, v, mask, memory, weights, grad_context)]
+        pointers += [None if grad_weights is None else grad_weights.data_ptr()]
+        pointers += [t.data_ptr() for t in (grad_scores, grad_query, grad_keys, grad_v_parts, grad_memory)]
+        kernel().backward(*pointers, *_sizes(query, memory))
+        return grad_query, grad_keys, grad_v_parts.sum(0), grad_memory, None
 
 
-def additive_scores(query: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The kernel's scores (autograd through :class:`AdditiveScores` where a gradient is needed)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, v)):
-        return AdditiveScores.apply(query, keys, v, mask)
-    return _scores(*_contiguous(query, keys, v, mask))
+def additive_attention(query: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, memory: torch.Tensor,
+                       mask: torch.Tensor) -> tuple:
+    """The kernel's (context [B, T, H], weights [B, T, S]); autograd through :class:`AdditiveAttentionFunction`
+    where a gradient is needed."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, v, memory)):
+        return AdditiveAttentionFunction.apply(query, keys, v, memory, mask)
+    return _forward(*_contiguous(query, keys, v, memory, mask))
 
 
-def _contiguous(query, keys, v, mask) -> tuple:
+def _contiguous(query, keys, v, memory, mask) -> tuple:
     """What the kernel reads: contiguous float tensors and the mask as uint8."""
-    return query.contiguous(), keys.contiguous(), v.contiguous(), mask.contiguous().view(torch.uint8)
+    return (query.contiguous(), keys.contiguous(), v.contiguous(), memory.contiguous(),
+            mask.contiguous().view(torch.uint8))
