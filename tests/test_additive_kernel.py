@@ -146,7 +146,9 @@ def test_threads_calling_at_once_get_their_own_results(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(additive_kernel, "_kernel", {})  # built while the callers race for it
-    problems = [inputs(5 + i, 2, 7, 24, seed=i) for i in range(6)]
+    problems = [inputs(5 + i, 2, 7, 24, seed=i) for i in range(3)]  # each on its calling thread
+    problems += [inputs(40 + i, 2, 9, 64, seed=i) for i in range(3)]  # each shared out over OpenMP threads
+    assert problems[-1][0].numel() * problems[-1][1].size(1) >= additive_kernel.PARALLEL_ELEMENTS
     expected = [reference(*problem)[0] for problem in problems]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
