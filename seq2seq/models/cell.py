@@ -23,10 +23,12 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
     Returns (top-layer output [B, D], hidden [L, B, D], cell state [L, B, D] or None).
     """
     gates_in = emb_gates
-    if extra and linear is F.linear:
-        gates_in = torch.addmm(emb_gates, torch.cat(extra, dim=-1), weights[0][0].t())
-    elif extra:
-        gates_in = emb_gates + linear(torch.cat(extra, dim=-1), weights[0][0])
+    if extra:
+        inputs = extra[0] if len(extra) == 1 else torch.cat(extra, dim=-1)  # one (Luong's fed vector): not copied
+        if linear is F.linear:
+            gates_in = torch.addmm(emb_gates, inputs, weights[0][0].t())
+        else:
+            gates_in = emb_gates + linear(inputs, weights[0][0])
     hiddens, cells = [], []
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if layer > 0:
