@@ -7,9 +7,11 @@
 #
 # DATA_DIR holds Multi30k ({train,valid,test2016}.{de,en}); MODEL_DIR is a trained Multi30k model whose
 # config.yaml reads DATA_DIR (decoding speed is measured on its test split). PARTS picks what to run
-# (default: "tests run precisions compile batch decode").
+# (default: "tests run precisions compile batch decode"). EXPERIMENT picks the training experiment (default
+# multi30k_gru, as the README's GPU figures; multi30k_gru_concat is the peers' decoder exactly).
 set -u
 DATA=${1:?data dir}; MODEL=${2:?model dir}; OUT=${3:?out dir}; PARTS=${4:-tests run precisions compile batch decode}
+EXPERIMENT=${EXPERIMENT:-multi30k_gru}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -19,7 +21,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 train_speed() {  # NAME SECONDS OVERRIDES...
   local name=$1 seconds=$2; shift 2
   python3 scripts/benchmark.py --device cuda --threads 4 --train-seconds "$seconds" --out "$OUT/train_$name.json" \
-    -- experiment=multi30k_gru "data.path=$DATA" "$@" 2>&1 | grep -E "^\| (training|peak|target)" | sed "s/^/$name /"
+    -- "experiment=$EXPERIMENT" "data.path=$DATA" "$@" 2>&1 | grep -E "^\| (training|peak|target)" | sed "s/^/$name /"
 }
 
 if has tests; then
@@ -28,7 +30,7 @@ if has tests; then
 fi
 if has run; then
   echo "== a short real run (bf16, compiled step): loss falls, validation and test BLEU come out"
-  python3 scripts/train.py experiment=multi30k_gru "data.path=$DATA" trainer.device=cuda trainer.precision=bf16 \
+  python3 scripts/train.py "experiment=$EXPERIMENT" "data.path=$DATA" trainer.device=cuda trainer.precision=bf16 \
     trainer.compile=true trainer.max_minutes=1.2 trainer.valid_every=100000 trainer.threads=4 \
     hydra.run.dir=/tmp/gpu_check_run > "$OUT/run.log" 2>&1
   cp /tmp/gpu_check_run/summary.json "$OUT/run_summary.json"
