@@ -14,9 +14,9 @@ and no compiler needed to run without it. Without a compiler, on other devices a
 ``SEQ2SEQ_ADDITIVE_KERNEL=0``, the attention takes its ATen path (the same results, within float rounding).
 The kernel shares a batch's sentences out over torch's threads through OpenMP (``-fopenmp``; the library then
 uses the OpenMP runtime torch has loaded, so its threads are torch's own, already awake after the step's
-matrix products). A pool of Python threads had been no faster: torch's OpenMP workers spin after each
-product, on the cores those threads wanted. Where the compiler cannot build with OpenMP the library is built
-without it and runs on the calling thread.
+matrix products). A pool of Python threads had been no faster, probably because torch's OpenMP workers
+spin for a while after each operation, on the cores those threads wanted. Where the compiler cannot build
+with OpenMP the library is built without it and runs on the calling thread.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ class _Kernel:
 
 _kernel: dict = {}  # "kernel" -> _Kernel or None: built (or found unbuildable) once per process
 # True in a forked child, which runs the kernel on one thread: GNU OpenMP's threads are its parent's, not there,
-# and a parallel region would wait for them for ever
+# and a parallel region would wait for them for ever (torch's own parallel operations hang there too, so a
+# forked worker should run torch on one thread, as DataLoader workers do)
 _forked = {"child": False}
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: _forked.update(child=True))
@@ -101,7 +102,7 @@ class _CompilerFailed(RuntimeError):
 def _build(compiler: str, flags: list, cache_dir: Path) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler] + flags).encode() + _cpu_identity().encode()).hexdigest()
-    target = cache_dir / f"additive_scores-{key[:16]}.so"
+    target = cache_dir / f"additive_attention-{key[:16]}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
