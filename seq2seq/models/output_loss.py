@@ -51,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x, dtype=torch.float32) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_grad and bias is not None else None
-        bias_low = bias.to(w.dtype) if low and bias is not None else None  # added inside the product
+        bias_w = bias.to(w.dtype) if low and bias is not None else bias  # added inside the product, in w's type
         group_rows = max(1, LOW_PRECISION_GROUP_ROWS // chunk_rows) * chunk_rows  # whole chunks
         group_grads = x.new_empty((min(group_rows, x.size(0)), vocab), dtype=w.dtype) if need_grad and low else None
         total = x.new_zeros((), dtype=torch.float32)
@@ -69,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if bias is None:
                 logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
             else:
-                logits = torch.addmm(bias_low if low else bias, xc, w_t, out=product_buffer[:n])  # [n, V]
+                logits = torch.addmm(bias_w, xc, w_t, out=product_buffer[:n])  # [n, V]
             if low:
                 logits = logits_buffer[:n].copy_(logits)  # float32
             # what the loss needs of the logits, taken before the softmax overwrites them
@@ -83,7 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
             def logits_of(row_index, xc=xc):  # recomputed for the few rows whose target probability underflows
                 chosen = xc[:valid].index_select(0, row_index)
-                out = torch.mm(chosen, w_t) if bias is None else torch.addmm(bias_low if low else bias, chosen, w_t)
+                out = torch.mm(chosen, w_t) if bias is None else torch.addmm(bias_w, chosen, w_t)
                 return out.float()
 
             total += _smoothed_nll(target_logit, mean_logit, probs[:valid], tc[:valid], label_smoothing, logits_of)
