@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from seq2seq.models import additive_kernel
+from seq2seq.models import additive_kernel, clib
 from seq2seq.models.attention import AdditiveAttention
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
@@ -90,7 +90,7 @@ def test_attention_with_and_without_the_kernel(monkeypatch):
     runs = []
     for switch in ("1", "0"):
         monkeypatch.setenv("SEQ2SEQ_ADDITIVE_KERNEL", switch)
-        monkeypatch.setattr(additive_kernel, "_kernel", {})
+        monkeypatch.setattr(additive_kernel.LIBRARY, "_loaded", {})
         assert (additive_kernel.kernel() is not None) == (switch == "1")
         attention.zero_grad()
         leaf_query, leaf_memory = query.clone().requires_grad_(), memory.clone().requires_grad_()
@@ -113,16 +113,16 @@ def test_wrong_shapes_are_refused_before_the_kernel_reads_memory():
 
 @needs_compiler
 def test_the_library_is_built_once_per_source_and_cpu(tmp_path):
-    built = additive_kernel.build(tmp_path)
+    built = additive_kernel.LIBRARY.build(tmp_path)
     stamp = built.stat().st_mtime_ns
-    assert additive_kernel.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
+    assert additive_kernel.LIBRARY.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no half-written leftovers
 
 
 def test_without_a_compiler_the_aten_path_is_taken(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", "no-such-compiler-here")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(additive_kernel, "_kernel", {})
+    monkeypatch.setattr(additive_kernel.LIBRARY, "_loaded", {})
     with caplog.at_level(logging.WARNING):
         assert additive_kernel.kernel() is None
         assert not additive_kernel.usable(torch.zeros(1))
@@ -137,7 +137,7 @@ def test_without_a_compiler_the_aten_path_is_taken(monkeypatch, tmp_path, caplog
 def test_a_failing_compiler_names_the_file(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")
     with pytest.raises(RuntimeError, match="additive_attention.c"):
-        additive_kernel.build(tmp_path)
+        additive_kernel.LIBRARY.build(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -145,7 +145,7 @@ def test_a_failing_compiler_names_the_file(monkeypatch, tmp_path):
 def test_threads_calling_at_once_get_their_own_results(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(additive_kernel, "_kernel", {})  # built while the callers race for it
+    monkeypatch.setattr(additive_kernel.LIBRARY, "_loaded", {})  # built while the callers race for it
     problems = [inputs(5 + i, 2, 7, 24, seed=i) for i in range(3)]  # each on its calling thread
     problems += [inputs(40 + i, 2, 9, 64, seed=i) for i in range(3)]  # each shared out over OpenMP threads
     assert problems[-1][0].numel() * problems[-1][1].size(1) >= additive_kernel.PARALLEL_ELEMENTS
@@ -165,9 +165,9 @@ def test_a_compiler_that_hangs_is_given_up(monkeypatch, tmp_path):
     hanging.write_text("#!/bin/sh\nsleep 30\n")
     hanging.chmod(0o755)
     monkeypatch.setenv("CC", str(hanging))
-    monkeypatch.setattr(additive_kernel, "COMPILE_TIMEOUT_S", 1)
+    monkeypatch.setattr(clib, "COMPILE_TIMEOUT_S", 1)
     with pytest.raises(RuntimeError, match="took over 1 s"):
-        additive_kernel.build(tmp_path / "cache")
+        additive_kernel.LIBRARY.build(tmp_path / "cache")
 
 
 def _scores_in_child(problem, queue):

@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.batch import make_batch
 from seq2seq.config import ConfigError, SearchConfig
-from seq2seq.models import output_loss
+from seq2seq.models import loss_kernel, output_loss
 from seq2seq.models.seq2seq import Seq2Seq, sequence_loss
 from seq2seq.search import greedy_search
 from tests.conftest import tiny_model_config
@@ -193,8 +193,16 @@ def test_dropout_active_only_in_training():
                                model(batch.src, batch.src_len, batch.tgt_in))
 
 
+@pytest.fixture(params=["kernel", "aten"])
+def loss_path(request, monkeypatch):
+    """The chunked loss's float32 CPU softmax by its C kernel (where it can be built), and by ATen."""
+    if request.param == "aten":
+        monkeypatch.setattr(loss_kernel.LIBRARY, "_loaded", {"functions": None})
+    return request.param
+
+
 @pytest.mark.parametrize("label_smoothing,tie", [(0.0, False), (0.1, False), (0.1, True)])
-def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, tie, monkeypatch):
+def test_chunked_output_loss_equals_logits_and_cross_entropy(label_smoothing, tie, loss_path, monkeypatch):
     monkeypatch.setattr(output_loss, "CHUNK_ROWS", 4)  # several chunks, the last one short
     monkeypatch.setattr(output_loss, "CHUNK_LOGITS", 4 * 20 + 1)  # float32: 4 rows of the 20-word vocabulary
     torch.manual_seed(4)
@@ -227,9 +235,10 @@ def test_chunks_hold_a_fixed_number_of_logits_but_bfloat16_on_the_cpu_a_fixed_nu
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_chunked_output_loss_of_a_target_far_below_the_rest(label_smoothing, with_bias):
-    """The loss takes log p(target) from the softmax, which overwrites the logits; a target with log p < -110
-    (p is 0 in float32) still gets its exact loss (its row's logits computed again), and a finite gradient."""
+def test_chunked_output_loss_of_a_target_far_below_the_rest(label_smoothing, with_bias, loss_path):
+    """ATen's path takes log p(target) from the softmax, which overwrites the logits; a target with log p < -110
+    (p is 0 in float32) still gets its exact loss (its row's logits computed again; the kernel takes the
+    log-sum-exp from the softmax's maximum and sum), and a finite gradient."""
     torch.manual_seed(7)
     x, weight = torch.randn(6, 8), torch.randn(10, 8)
     bias = torch.randn(10) if with_bias else None

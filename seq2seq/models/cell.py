@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from seq2seq.models import gru_kernel
 from seq2seq.models.dropout import dropout as fast_dropout
 from seq2seq.models.tanh import tanh_
 
@@ -35,7 +36,9 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
             gates_in = linear(fast_dropout(hiddens[-1], dropout, training), w_ih, b_ih)
         h = hidden[layer]
         gates_h = linear(h, w_hh, b_hh)
-        if cell == "gru":
+        if cell == "gru" and gru_kernel.usable(gates_in, gates_h, h):
+            h = gru_kernel.gru_cell(gates_in, gates_h, h)
+        elif cell == "gru":
             in_r, in_z, in_n = gates_in.chunk(3, -1)
             h_r, h_z, h_n = gates_h.chunk(3, -1)
             reset, update = torch.sigmoid(in_r + h_r), torch.sigmoid(in_z + h_z)
