@@ -72,6 +72,8 @@ def test_softmax_loss_refuses_what_it_cannot_read():
         loss_kernel.softmax_loss(logits.t(), None, target, -1.0, False)  # not contiguous
     with pytest.raises(ValueError, match="do not fit"):
         loss_kernel.softmax_loss(logits, torch.zeros(9), target, -1.0, True)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        loss_kernel.softmax_loss(logits.bfloat16(), None, target, -1.0, False)
     with pytest.raises(IndexError, match="outside the vocabulary of 10"):
         loss_kernel.softmax_loss(logits, None, torch.tensor([1, 2, 10, 4]), -1.0, False)
 
@@ -120,9 +122,11 @@ def test_gru_cell_is_the_same_on_any_number_of_threads():
 
 
 @needs_compiler
-def test_gru_cell_refuses_shapes_that_do_not_fit():
+def test_gru_cell_refuses_shapes_and_types_that_do_not_fit():
     with pytest.raises(ValueError, match="do not fit"):
         gru_kernel.gru_cell(torch.zeros(2, 12), torch.zeros(2, 12), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        gru_kernel.gru_cell(torch.zeros(2, 12, dtype=torch.bfloat16), torch.zeros(2, 12), torch.zeros(2, 4))
 
 
 # --- in a model ----------------------------------------------------------------------------------
@@ -159,3 +163,23 @@ def test_without_the_kernels_the_loss_and_the_cell_are_atens(monkeypatch):
     from seq2seq.models.output_loss import linear_cross_entropy
     loss = linear_cross_entropy(x, weight, None, target)
     assert torch.allclose(loss, F.cross_entropy(x @ weight.t(), target, ignore_index=0, reduction="sum"))
+
+
+@needs_compiler
+def test_the_encoders_gru_is_the_same_with_and_without_the_kernel(monkeypatch):
+    torch.manual_seed(8)
+    model = Seq2Seq(tiny_model_config(enc_layers=2), 30, 30)
+    src = torch.randint(1, 30, (5, 9))
+    lengths = torch.tensor([9, 4, 7, 1, 3])
+    src[torch.arange(9)[None, :] >= lengths[:, None]] = 0
+    runs = []
+    for kernel in ("on", "off"):
+        if kernel == "off":
+            monkeypatch.setattr(gru_kernel.LIBRARY, "_loaded", {"functions": None})
+        model.zero_grad()
+        out = model.encoder(src, lengths)
+        (out.memory.square().sum() + out.final.sum()).backward()
+        runs.append([out.memory.detach(), out.final.detach()] + [p.grad.clone() for p in model.encoder.parameters()
+                                                                 if p.grad is not None])
+    for with_kernel, without in zip(*runs):
+        assert torch.allclose(with_kernel, without, atol=1e-5)

@@ -5,10 +5,12 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import ModelConfig
+from seq2seq.models import gru_kernel
 from seq2seq.models.dropout import Dropout, dropout
 
 
@@ -21,6 +23,20 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, drop
     if cell == "gru":
         return nn.GRU(**kwargs)
     return nn.RNN(nonlinearity="tanh", **kwargs)
+
+
+def gru_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+              b_hh: torch.Tensor) -> torch.Tensor:
+    """One direction of one GRU layer from a zero state, x [B, S, I] -> outputs [B, S, H], as torch.gru computes
+    it, with the input product for all positions at once and the cell's elementwise half in the C kernel
+    (``gru_kernel``): ATen's loop records a dozen autograd nodes per step, this one three."""
+    gates_in = F.linear(x, w_ih, b_ih)  # [B, S, 3H]
+    h = x.new_zeros(x.size(0), w_hh.size(1))
+    outputs = []
+    for step_gates in gates_in.unbind(1):  # [B, 3H] views, rows contiguous
+        h = gru_kernel.gru_cell(step_gates, torch.addmm(b_hh, h, w_hh.t()), h)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
 
 
 def _reorder(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -95,7 +111,11 @@ class Encoder(nn.Module):
                 params = [getattr(rnn, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih",
                                                                                "bias_hh")]
                 x = _reorder(layer_input, reverse) if direction else layer_input
-                out, _ = step_fn(x, h0, params, True, 1, 0.0, self.training, False, True)  # [B, S, H]
+                if (step_fn is torch.gru and gru_kernel.usable(x, *params)
+                        and not torch.is_autocast_enabled(x.device.type)):  # autocast: its products in bf16
+                    out = gru_layer(x, *params)  # [B, S, H]
+                else:
+                    out, _ = step_fn(x, h0, params, True, 1, 0.0, self.training, False, True)  # [B, S, H]
                 finals.append(out[rows, last])  # [B, H] after the last word
                 outputs.append(_reorder(out, reverse) if direction else out)
             layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]

@@ -5,7 +5,7 @@ r = sigmoid(i_r + h_r), z = sigmoid(i_z + h_z), n = tanh(i_n + r h_n), h' = n + 
 dozen elementwise operations forward and two dozen backward, each a dispatch, an autograd node and a pass over
 memory: ~580 us per step at 160 sentences x 256 (AMD EPYC, 2 threads), a few percent of a training step in the
 decoder and as much again in the encoder. The kernel does it in one pass each way and saves r, z, n and h_n for
-the backward pass. The decoder's cell (``cell.rnn_cell_step``) and the encoder's GRU (``encoder.py``) use it
+the backward pass. The decoder's cell (``cell.rnn_cell_step``) and the encoder's GRU (``encoder.gru_layer``) use it
 where it can be used (``clib.py``: built on first use; ``SEQ2SEQ_GRU_KERNEL=0`` turns it off), ATen otherwise,
 with the same results within float rounding (tests).
 """
@@ -46,6 +46,8 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
 def _forward(gates_in: torch.Tensor, gates_h: torch.Tensor, h: torch.Tensor) -> tuple:
     """-> (h' [B, H], saved [B, 4H]); the shapes are checked here, as the kernel reads raw memory."""
     batch, size = h.shape
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (gates_in, gates_h, h)):
+        raise ValueError("GRU cell: the kernel takes float32 CPU tensors (check gru_kernel.usable first)")
     if gates_in.shape != (batch, 3 * size) or gates_h.shape != (batch, 3 * size):
         raise ValueError(f"GRU cell: gates_in {tuple(gates_in.shape)}, gates_h {tuple(gates_h.shape)} and h "
                          f"{tuple(h.shape)} do not fit [B, 3H], [B, 3H], [B, H]")

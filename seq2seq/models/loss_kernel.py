@@ -51,6 +51,8 @@ def softmax_loss(logits: torch.Tensor, bias: Optional[torch.Tensor], target: tor
         raise ValueError(f"softmax loss: logits {tuple(logits.shape)} (contiguous: {logits.is_contiguous()}), "
                          f"target {tuple(target.shape)} and bias {None if bias is None else tuple(bias.shape)} do "
                          "not fit [n, V] (contiguous), [n], [V]")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in [logits] + ([] if bias is None else [bias])):
+        raise ValueError("softmax loss: the kernel takes float32 CPU tensors (check loss_kernel.usable first)")
     target = target.to(torch.int64).contiguous()
     if rows and (int(target.min()) < 0 or int(target.max()) >= vocab):  # the kernel writes at these positions
         raise IndexError(f"softmax loss: a target id outside the vocabulary of {vocab}")
