@@ -66,14 +66,58 @@ def test_softmax_loss_is_the_same_on_any_number_of_threads():
 
 
 @needs_compiler
+@pytest.mark.parametrize("in_place", [False, True])
+def test_softmax_loss_of_bfloat16_logits_matches_float64(in_place):
+    """bfloat16 logits in, the result rounded once to bfloat16, the bias added in float32, the rows' figures
+    in float32; rows split over threads."""
+    generator = torch.Generator().manual_seed(3)
+    rows, vocab = 150, 301
+    logits = (torch.randn(rows, vocab, generator=generator) * 6).bfloat16()
+    logits[3, 7] = 150.0
+    bias, target = torch.randn(vocab, generator=generator), torch.randint(0, vocab, (rows,), generator=generator)
+    z = logits.double() + bias.double()
+    expected = torch.softmax(z, -1)
+    expected[torch.arange(rows), target] += -0.9
+    source = logits.clone()
+
+    def run():
+        out = source if in_place else torch.full_like(logits, float("nan"))
+        return [out, *loss_kernel.softmax_loss(source, bias, target, -0.9, True, out=out)]
+
+    found, lse, target_logit, logit_sum, bias_sums = with_threads(2, run)
+    if not in_place:
+        assert torch.equal(source, logits)  # the logits are left as they were
+    assert found.dtype == torch.bfloat16
+    # rounded once from float32: within one bfloat16 step (2^-8 relative) of the float64 result
+    assert torch.allclose(found.double(), expected, rtol=2**-8, atol=1e-7)
+    assert (found.double() - expected).abs().max() > 0  # rounded, not kept in float32
+    assert torch.allclose(lse.double(), z.logsumexp(-1), rtol=1e-6)
+    assert torch.allclose(target_logit.double(), z[torch.arange(rows), target], rtol=1e-6)
+    assert torch.allclose(logit_sum.double(), z.sum(-1), rtol=1e-5, atol=1e-3)
+    assert torch.allclose(bias_sums.double(), expected.sum(0), atol=1e-5)  # from float32, before rounding
+    assert [t.dtype for t in (lse, target_logit, logit_sum, bias_sums)] == [torch.float32] * 4
+    if not in_place:
+        one = with_threads(1, run)
+        assert all(torch.equal(a, b) for a, b in zip(one, [found, lse, target_logit, logit_sum, bias_sums]))
+
+
+@needs_compiler
 def test_softmax_loss_refuses_what_it_cannot_read():
     logits, target = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     with pytest.raises(ValueError, match="do not fit"):
         loss_kernel.softmax_loss(logits.t(), None, target, -1.0, False)  # not contiguous
     with pytest.raises(ValueError, match="do not fit"):
         loss_kernel.softmax_loss(logits, torch.zeros(9), target, -1.0, True)
-    with pytest.raises(ValueError, match="float32 CPU"):
-        loss_kernel.softmax_loss(logits.bfloat16(), None, target, -1.0, False)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        loss_kernel.softmax_loss(logits.half(), None, target, -1.0, False)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        loss_kernel.softmax_loss(logits.bfloat16(), None, target, -1.0, False, out=logits)
+    with pytest.raises(ValueError, match="float32 bias"):
+        loss_kernel.softmax_loss(logits.bfloat16(), torch.zeros(10).bfloat16(), target, -1.0, False)
+    with pytest.raises(ValueError, match="in place"):
+        loss_kernel.softmax_loss(logits, None, target, -1.0, False, out=logits.clone())
+    with pytest.raises(ValueError, match="do not fit"):
+        loss_kernel.softmax_loss(logits.bfloat16(), None, target, -1.0, False, out=torch.empty(4, 9).bfloat16())
     with pytest.raises(IndexError, match="outside the vocabulary of 10"):
         loss_kernel.softmax_loss(logits, None, torch.tensor([1, 2, 10, 4]), -1.0, False)
 

@@ -195,7 +195,7 @@ def test_dropout_active_only_in_training():
 
 @pytest.fixture(params=["kernel", "aten"])
 def loss_path(request, monkeypatch):
-    """The chunked loss's float32 CPU softmax by its C kernel (where it can be built), and by ATen."""
+    """The chunked loss's CPU softmax by its C kernel (where it can be built), and by ATen."""
     if request.param == "aten":
         monkeypatch.setattr(loss_kernel.LIBRARY, "_loaded", {"functions": None})
     return request.param
@@ -255,9 +255,9 @@ def test_chunked_output_loss_of_a_target_far_below_the_rest(label_smoothing, wit
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_chunked_output_loss_in_bfloat16_is_close(label_smoothing, monkeypatch):
+def test_chunked_output_loss_in_bfloat16_is_close(label_smoothing, loss_path, monkeypatch):
     """Loss and gradients; chunks of 8 rows (the rows padded to whole chunks), weight gradients over groups
-    of 2 chunks (the last one part)."""
+    of 2 chunks (the last one part); the softmax by the C kernel (bfloat16 in and out) and by ATen."""
     monkeypatch.setattr(output_loss, "CHUNK_ROWS", 8)
     monkeypatch.setattr(output_loss, "LOW_PRECISION_GROUP_ROWS", 16)
     torch.manual_seed(6)

@@ -45,17 +45,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = x.size(0)
         w = weight.to(low_precision) if low_precision is not None else weight  # [V, D]
         low = w.dtype != torch.float32
-        fused = not low and loss_kernel.usable(x, weight, *([] if bias is None else [bias]))  # float32 CPU
+        # the C kernel (float32 CPU x, weight and bias): float32, and bfloat16's products on the CPU
+        fused = loss_kernel.usable(x, weight, *([] if bias is None else [bias])) and w.dtype in (torch.float32,
+                                                                                                  torch.bfloat16)
         # [D, V]: MKL's float32 product takes the transposed view as fast (and the copy cost 3.9 ms per Multi30k
         # batch); elsewhere once, where a transposed operand was copied at every product
-        w_t = w.t() if fused else w.t().contiguous()
+        w_t = w.t() if fused and not low else w.t().contiguous()
         if low and x.device.type == "cpu":  # rows added up to whole chunks, so that every product has one of a
             x = F.pad(x, (0, 0, 0, -count % chunk_rows))  # few shapes: oneDNN builds a kernel per shape; they get
             target = F.pad(target, (0, x.size(0) - count), value=PAD_ID)  # no loss and no gradient
         grad_x = torch.empty_like(x, dtype=torch.float32) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_grad and bias is not None else None
-        bias_w = bias.to(w.dtype) if low and bias is not None else bias  # added inside the product, in w's type
+        bias_w = bias.to(w.dtype) if low and bias is not None and not fused else bias  # added inside the product
         group_rows = max(1, LOW_PRECISION_GROUP_ROWS // chunk_rows) * chunk_rows  # whole chunks
         group_grads = x.new_empty((min(group_rows, x.size(0)), vocab), dtype=w.dtype) if need_grad and low else None
         total = x.new_zeros((), dtype=torch.float32)
@@ -64,13 +66,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # of a Multi30k-sized batch (3,900 rows) 10 % slower here
         rows_max = min(chunk_rows, x.size(0))
         product_buffer = x.new_empty((rows_max, vocab), dtype=w.dtype)  # the product's output, in w's type
-        logits_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32) if low else product_buffer
+        logits_buffer = x.new_empty((rows_max, vocab), dtype=torch.float32) if low and not fused else product_buffer
         for start in range(0, x.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             xc, tc = x[rows].to(w.dtype), target[rows]
             n = xc.size(0)
             valid = min(n, count - start)  # the chunk's rows that are not the added ones
-            if fused:  # bias, softmax, loss and the gradient's target share in one C kernel
+            if fused and not low:  # bias, softmax, loss and the gradient's target share in one C kernel
                 logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
                 lse, target_logit, logit_sum, bias_sums = loss_kernel.softmax_loss(
                     logits, bias, tc, -(1 - label_smoothing) if need_grad else 0.0, need_grad and bias is not None)
@@ -82,43 +84,57 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_x[rows] = torch.mm(logits, w)
                     grad_w.addmm_(logits.t(), xc)
                 continue
-            if bias is None:
-                logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
-            else:
-                logits = torch.addmm(bias_w, xc, w_t, out=product_buffer[:n])  # [n, V]
-            if low:
-                logits = logits_buffer[:n].copy_(logits)  # float32
-            # what the loss needs of the logits, taken before the softmax overwrites them
-            target_logit = logits[:valid].gather(1, tc[:valid, None])[:, 0]  # [valid]
-            mean_logit = logits[:valid].mean(-1) if label_smoothing else None  # [valid]
-            # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract, exp and
-            # sum as separate ops each streamed the whole chunk through memory; the softmax is also the gradient.
-            # In place: a second [n, V] buffer cost a third more memory traffic (Multi30k: 4.7 against 7.2 ms
-            # per 1,048-row chunk, AMD EPYC, 2 threads)
-            probs = torch.softmax(logits, dim=-1, out=logits)  # [n, V]
-
-            def logits_of(row_index, xc=xc):  # recomputed for the few rows whose target probability underflows
-                chosen = xc[:valid].index_select(0, row_index)
-                out = torch.mm(chosen, w_t) if bias is None else torch.addmm(bias_w, chosen, w_t)
-                return out.float()
-
-            total += _smoothed_nll(target_logit, mean_logit, probs[:valid], tc[:valid], label_smoothing, logits_of)
-            if not need_grad:
-                continue
-            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows; the constant
-            # - eps / V is added to the three gradients after the loop (``_add_uniform_share``)
-            grad = probs.scatter_add_(1, tc[:, None], target_grad[:n])
-            if valid < n:
-                grad[valid:] = 0.0
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-            if not low:
-                grad_x[rows] = torch.mm(grad, w)
-                grad_w.addmm_(grad.t(), xc)
-                continue
             in_group, end = start % group_rows, start + n
-            grad_low = group_grads[in_group:in_group + n]
-            grad_low.copy_(grad)
+            if fused:  # bfloat16 logits in, the bfloat16 gradient out, float32 (and the bias) within
+                logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
+                grad_low = group_grads[in_group:in_group + n] if need_grad else logits  # [n, V]
+                lse, target_logit, logit_sum, bias_sums = loss_kernel.softmax_loss(
+                    logits[:valid], bias, tc[:valid], -(1 - label_smoothing) if need_grad else 0.0,
+                    need_grad and bias is not None, out=grad_low[:valid])
+                total += _smoothed_loss(lse, target_logit, logit_sum / vocab if label_smoothing else None,
+                                        label_smoothing)
+                if not need_grad:
+                    continue
+                grad_low[valid:] = 0.0
+                if grad_b is not None:
+                    grad_b += bias_sums
+            else:
+                if bias is None:
+                    logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
+                else:
+                    logits = torch.addmm(bias_w, xc, w_t, out=product_buffer[:n])  # [n, V]
+                if low:
+                    logits = logits_buffer[:n].copy_(logits)  # float32
+                # what the loss needs of the logits, taken before the softmax overwrites them
+                target_logit = logits[:valid].gather(1, tc[:valid, None])[:, 0]  # [valid]
+                mean_logit = logits[:valid].mean(-1) if label_smoothing else None  # [valid]
+                # one fused kernel that works row by row (a row stays in the L1 cache), where max, subtract, exp and
+                # sum as separate ops each streamed the whole chunk through memory; the softmax is also the gradient.
+                # In place: a second [n, V] buffer cost a third more memory traffic (Multi30k: 4.7 against 7.2 ms
+                # per 1,048-row chunk, AMD EPYC, 2 threads)
+                probs = torch.softmax(logits, dim=-1, out=logits)  # [n, V]
+
+                def logits_of(row_index, xc=xc):  # recomputed for the few rows whose target probability underflows
+                    chosen = xc[:valid].index_select(0, row_index)
+                    out = torch.mm(chosen, w_t) if bias is None else torch.addmm(bias_w, chosen, w_t)
+                    return out.float()
+
+                total += _smoothed_nll(target_logit, mean_logit, probs[:valid], tc[:valid], label_smoothing, logits_of)
+                if not need_grad:
+                    continue
+                # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on the added rows; the constant
+                # - eps / V is added to the three gradients after the loop (``_add_uniform_share``)
+                grad = probs.scatter_add_(1, tc[:, None], target_grad[:n])
+                if valid < n:
+                    grad[valid:] = 0.0
+                if grad_b is not None:
+                    grad_b += grad.sum(0)
+                if not low:
+                    grad_x[rows] = torch.mm(grad, w)
+                    grad_w.addmm_(grad.t(), xc)
+                    continue
+                grad_low = group_grads[in_group:in_group + n]
+                grad_low.copy_(grad)
             grad_x[rows] = torch.mm(grad_low, w)
             if end % group_rows == 0 or end == x.size(0):  # the group's weight gradient, one product
                 group_start = start - in_group
