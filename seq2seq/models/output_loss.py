@@ -72,32 +72,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xc, tc = x[rows].to(w.dtype), target[rows]
             n = xc.size(0)
             valid = min(n, count - start)  # the chunk's rows that are not the added ones
-            if fused and not low:  # bias, softmax, loss and the gradient's target share in one C kernel
-                logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
-                lse, target_logit, logit_sum, bias_sums = loss_kernel.softmax_loss(
-                    logits, bias, tc, -(1 - label_smoothing) if need_grad else 0.0, need_grad and bias is not None)
-                total += _smoothed_loss(lse, target_logit, logit_sum / vocab if label_smoothing else None,
-                                        label_smoothing)
-                if need_grad:
-                    if grad_b is not None:
-                        grad_b += bias_sums
-                    grad_x[rows] = torch.mm(logits, w)
-                    grad_w.addmm_(logits.t(), xc)
-                continue
             in_group, end = start % group_rows, start + n
-            if fused:  # bfloat16 logits in, the bfloat16 gradient out, float32 (and the bias) within
+            if fused:  # bias, softmax, loss and the gradient's target share in one C kernel; in bfloat16 the
+                # gradient goes into the weight gradient's group rows, in float32 over the logits
                 logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
-                grad_low = group_grads[in_group:in_group + n] if need_grad else logits  # [n, V]
+                grad_rows = group_grads[in_group:in_group + n] if low and need_grad else logits  # [n, V]
                 lse, target_logit, logit_sum, bias_sums = loss_kernel.softmax_loss(
                     logits[:valid], bias, tc[:valid], -(1 - label_smoothing) if need_grad else 0.0,
-                    need_grad and bias is not None, out=grad_low[:valid])
+                    need_grad and bias is not None, out=grad_rows[:valid] if low else None)
                 total += _smoothed_loss(lse, target_logit, logit_sum / vocab if label_smoothing else None,
                                         label_smoothing)
                 if not need_grad:
                     continue
-                grad_low[valid:] = 0.0
                 if grad_b is not None:
                     grad_b += bias_sums
+                if not low:
+                    grad_x[rows] = torch.mm(logits, w)
+                    grad_w.addmm_(logits.t(), xc)
+                    continue
+                grad_low = grad_rows
+                grad_low[valid:] = 0.0  # the added rows
             else:
                 if bias is None:
                     logits = torch.mm(xc, w_t, out=product_buffer[:n])  # [n, V]
