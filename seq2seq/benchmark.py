@@ -103,10 +103,14 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
                                    t.batch_multiple):
             batch = make_batch([src[i] for i in group], [tgt[i] for i in group])
             if flop_per_token is None:
-                with FlopCounterMode(display=False) as counter:  # one step in eager mode, counted
+                # one step in eager mode, counted; with bfloat16's products off, as their rows are padded
+                # (decoder.ROW_MULTIPLE, the loss's chunks) and the padding is not the model's arithmetic
+                bf16_products, model.decoder.bf16_products = model.decoder.bf16_products, False
+                with FlopCounterMode(display=False) as counter:
                     model.decoder.compile_step = False
                     train_step(model, batch.to(device), optimizer, t, scaler=scaler)
                     model.decoder.compile_step = t.compile
+                model.decoder.bf16_products = bf16_products
                 flop_per_token = counter.get_total_flops() / batch.num_tgt_tokens
                 continue
             step_start = time.perf_counter()  # the copy to the device counts, as in training
