@@ -61,6 +61,60 @@ def test_context_weights_and_gradients_match_float64(shape, weights_used):
 
 
 @needs_compiler
+@pytest.mark.parametrize("weights_used", [False, True])
+def test_step_gradients_match_float64_over_a_loop_of_steps(weights_used):
+    """A loop of one-step calls through StepGradients (training's decoder) gives the queries', keys', v's and
+    memory's gradients of the whole loop, also where the sink's keys and memory are used outside the steps."""
+    steps, (batch, length, size) = 4, (5, 7, 37)
+    _, keys, v, memory, mask = inputs(batch, 1, length, size, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    queries = [torch.randn(batch, 1, size, generator=generator) for _ in range(steps)]
+    grad_contexts = [torch.randn(batch, 1, memory.size(2), generator=generator) for _ in range(steps)]
+    grad_weights = [torch.randn(batch, 1, length, generator=generator) for _ in range(steps)]
+    found = {}
+    for kind in ("float64", "steps"):
+        leaves = [x.clone().double() if kind == "float64" else x.clone() for x in [keys, v, memory] + queries]
+        leaves = [x.requires_grad_() for x in leaves]
+        (k, vv, m), qs = leaves[:3], leaves[3:]
+        sink = additive_kernel.StepGradients(k, vv, m, mask) if kind == "steps" else None
+        outputs, grads = [], []
+        for t, q in enumerate(qs):
+            context, weights = reference(q, k, vv, m, mask) if sink is None else sink.attend(q)
+            outputs += [context] + ([weights] if weights_used else [])
+            grads += [grad_contexts[t]] + ([grad_weights[t]] if weights_used else [])
+        if sink is not None:  # the sink's own keys and memory used outside the steps too
+            k, m = sink.keys, sink.memory
+        outputs += [(k * k).sum(), m.sum()]
+        torch.autograd.backward(outputs, [g.to(outputs[0].dtype) for g in grads] + [torch.tensor(1.0)] * 2)
+        found[kind] = [x.grad.double() for x in leaves]
+    for mine, exact in zip(found["steps"], found["float64"]):
+        assert (mine - exact).abs().max() < 1e-5 * max(1.0, exact.abs().max().item())
+
+
+@needs_compiler
+def test_step_gradients_leave_no_reference_cycle():
+    """The batch's StepGradients (and with it every step's saved tensors) is freed with its graph, without
+    the garbage collector."""
+    import gc
+    import weakref
+
+    _, keys, v, memory, mask = inputs(3, 1, 5, 16)
+    keys, v, memory = (x.requires_grad_() for x in (keys, v, memory))
+    gc.disable()
+    try:
+        sink = additive_kernel.StepGradients(keys, v, memory, mask)
+        alive = weakref.ref(sink)
+        loss = sum(sink.attend(torch.randn(3, 1, 16))[0].sum() for _ in range(3))
+        del sink
+        loss.backward()
+        assert keys.grad is not None and v.grad is not None and memory.grad is not None
+        del loss
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+@needs_compiler
 def test_results_and_gradients_do_not_depend_on_the_thread_count():
     query, keys, v, memory, mask = inputs(37, 2, 9, 64, seed=1)  # 42,624 elements: shared out over the threads
     assert query.numel() * keys.size(1) >= additive_kernel.PARALLEL_ELEMENTS

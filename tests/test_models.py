@@ -331,3 +331,27 @@ def test_compiled_step_equals_eager():
     model.decoder.compile_step = True
     for a, b in zip(eager + expected, compiled + loss_and_gradients(model, other)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention,feeding", [("bahdanau", False), ("luong_concat", True)])
+def test_attention_gradients_summed_once_equal_per_step_ones(attention, feeding, monkeypatch):
+    """Training's decoder loop sums the additive attention's keys', v's and memory's gradients over the steps
+    in one call (additive_kernel.StepGradients): the loss and every gradient equal those of per-step calls."""
+    from seq2seq.models import additive_kernel
+    from seq2seq.models.attention import AdditiveAttention
+
+    if not additive_kernel.usable(torch.zeros(1)):
+        pytest.skip("the additive attention kernel is not built here")
+    torch.manual_seed(12)
+    model = Seq2Seq(tiny_model_config(attention=attention, input_feeding=feeding, dec_layers=2), 20, 20)
+    batch, _, _ = random_batch(20, [5, 3, 8, 1], seed=13)
+    calls = []
+    summed = additive_kernel.StepGradients.gradients
+    monkeypatch.setattr(additive_kernel.StepGradients, "gradients", lambda self: calls.append(1) or summed(self))
+    once = loss_and_gradients(model, batch)
+    assert calls == [1]  # the summed path ran, once per batch
+    monkeypatch.setattr(AdditiveAttention, "step_gradients", lambda self, *args: None)
+    per_step = loss_and_gradients(model, batch)
+    assert calls == [1]
+    for a, b in zip(once, per_step):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,8 @@ no state between calls. Padding positions get a score of -inf and so a weight of
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -29,16 +31,32 @@ class AdditiveAttention(nn.Module):
     def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.key_proj(memory)  # [B, S, A]
 
+    def step_gradients(self, keys: torch.Tensor, memory: torch.Tensor,
+                       mask: torch.Tensor) -> Optional[additive_kernel.StepGradients]:
+        """For a loop that attends once per target position to the same keys and memory (training's decoder):
+        an object that stands for keys, memory and mask in ``forward`` and sums their and v's gradients over
+        all steps at once (additive_kernel.StepGradients); None where the kernel would not run or no gradient
+        is needed."""
+        v = self.energy.weight
+        if (not torch.is_grad_enabled() or type(self.energy) is not nn.Linear
+                or not additive_kernel.usable(keys, v, memory)
+                or not any(t.requires_grad for t in (keys, v, memory))):
+            return None
+        return additive_kernel.StepGradients(keys, v[0], memory, mask)
+
     def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
-                linear=None):
+                linear=None, steps: Optional[additive_kernel.StepGradients] = None):
         """query [B, T, Q] -> context [B, T, He], weights [B, T, S]. ``linear(x, weight)``, when given,
-        computes the query's product instead of the module (bfloat16 decoding).
+        computes the query's product instead of the module (bfloat16 decoding). ``steps``, when given, is
+        ``step_gradients(keys, memory, mask)``, through which the kernel reads them.
 
         (Under bf16 autocast on the CPU the [B, T, S, A] sum and tanh run in bfloat16, 3x slower per element
         than float32 there; float32 was 2 % faster per training step, but bf16 training then peaked at
         1.68 GiB against 1.51-1.58 without it, above OpenNMT-py's 1.65, so it stays as autocast has it.)
         """
         query = self.query_proj(query) if linear is None else linear(query, self.query_proj.weight)  # [B, T, A]
+        if steps is not None and additive_kernel.usable(query):
+            return steps.attend(query)
         if type(self.energy) is nn.Linear and additive_kernel.usable(query, keys, self.energy.weight, memory):
             return additive_kernel.additive_attention(query, keys, self.energy.weight[0], memory, mask)
         # the same in ATen ops (other devices and types, int8, torch.compile)

@@ -252,7 +252,11 @@ class Decoder(nn.Module):
         B: consecutive groups of R / B rows attend to one source sentence (beam search's hypotheses of a
         sentence), so that the encoder output is neither copied per hypothesis nor read once per hypothesis."""
         query = query.view(enc.memory.size(0), -1, query.size(-1))  # [B, R / B, Q]
-        if self.bf16_products:
+        if enc.attention_steps is not None:  # training's loop (AdditiveAttention.step_gradients)
+            context, attn = self.attention(query, enc.keys, enc.memory, enc.mask,
+                                           linear=self.linear if self.bf16_products else None,
+                                           steps=enc.attention_steps)
+        elif self.bf16_products:
             context, attn = self.attention(query, enc.keys, enc.memory, enc.mask, linear=self.linear)
         else:
             context, attn = self._maybe_compiled("attention", self.attention)(query, enc.keys, enc.memory, enc.mask)
@@ -355,6 +359,8 @@ class Decoder(nn.Module):
         emb_gates = self.embedding_products(embedded)  # [B, T, G*D] or None
         gates = [None] * tgt_in.size(1) if emb_gates is None else emb_gates.unbind(1)
         weights = self.cell_weights() if self.manual_cell else None
+        if isinstance(self.attention, AdditiveAttention) and not self.compile_step:  # keys' gradients summed once
+            enc = replace(enc, attention_steps=self.attention.step_gradients(enc.keys, enc.memory, enc.mask))
         # unbind, not embedded[:, t]: each indexing's backward would add a zeroed [B, T, E] gradient
         steps = embedded.unbind(1)
         if self.input_feeding:  # each step needs the previous pre-output

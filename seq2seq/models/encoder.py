@@ -60,6 +60,9 @@ class EncoderOutput:
     vocab: Optional[torch.Tensor] = None
     output_rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     vocab_bias: Optional[torch.Tensor] = None
+    # training's step-by-step decoder: the additive attention's keys, memory and mask with their gradients summed
+    # over the steps at once (AdditiveAttention.step_gradients); a batch's own, so ``select`` drops it
+    attention_steps: Optional[object] = None
 
     def select(self, index: torch.Tensor) -> "EncoderOutput":
         def pick(t: Optional[torch.Tensor], dim: int = 0) -> Optional[torch.Tensor]:
@@ -67,7 +70,7 @@ class EncoderOutput:
 
         return replace(self, memory=pick(self.memory), mask=pick(self.mask), final=pick(self.final, 1),
                        final_cell=pick(self.final_cell, 1), keys=pick(self.keys), context=pick(self.context),
-                       vocab_bias=pick(self.vocab_bias))
+                       vocab_bias=pick(self.vocab_bias), attention_steps=None)
 
 
 class Encoder(nn.Module):

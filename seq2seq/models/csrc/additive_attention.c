@@ -62,68 +62,101 @@ void additive_attention_forward(const float *restrict q, const float *restrict k
 
 /* The gradients, given the forward pass's weights and dL/dcontext [B, T, H] and dL/dweights [B, T, S] (NULL: 0).
  * grad_q [B, T, A], grad_k [B, S, A] and grad_memory [B, S, H] are written (not added to); the scores'
- * gradient goes through grad_scores [B, T, S] (scratch); v's gradient comes in parts: grad_v_parts[p] sums the
+ * gradient goes through grad_scores [B, T, S]; v's gradient comes in parts: grad_v_parts[p] sums the
  * sentences p * SENTENCES_PER_PART <= b < (p + 1) * SENTENCES_PER_PART, so that the caller's sum of the parts
  * does not depend on how many threads ran them. With y = tanh(q + k) and d = g_score v (1 - y^2):
- * grad_q[b, t] = sum_s d, grad_k[b, s] = sum_t d, grad_v = sum g_score y. */
+ * grad_q[b, t] = sum_s d, grad_k[b, s] = sum_t d, grad_v = sum g_score y.
+ *
+ * Any of grad_q, grad_k, grad_v_parts and grad_memory may be NULL (not computed), and with scores_given the
+ * scores' gradient is read from grad_scores rather than computed (dL/dcontext then only serves grad_memory).
+ * Training's step-by-step loop uses this to split the work (additive_kernel.py, StepGradients): each step's
+ * backward pass computes grad_scores and grad_q only, and one call after the last step the keys', v's and
+ * the memory's gradients of all steps, which are then summed in registers rather than written per step. */
 #define SENTENCES_PER_PART 8
 void additive_attention_backward(const float *restrict q, const float *restrict k, const float *restrict v,
                                  const uint8_t *restrict mask, const float *restrict memory,
                                  const float *restrict weights, const float *restrict grad_context,
                                  const float *restrict grad_weights, float *restrict grad_scores,
-                                 float *restrict grad_q, float *restrict grad_k, float *restrict grad_v_parts,
-                                 float *restrict grad_memory,
+                                 int64_t scores_given, float *restrict grad_q, float *restrict grad_k,
+                                 float *restrict grad_v_parts, float *restrict grad_memory,
                                  int64_t B, int64_t T, int64_t S, int64_t A, int64_t H, int64_t threads) {
     const int64_t parts = (B + SENTENCES_PER_PART - 1) / SENTENCES_PER_PART;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t part = 0; part < parts; ++part) {
-        float *restrict gv = grad_v_parts + part * A;
-        memset(gv, 0, (size_t)A * sizeof(float));
+        float *restrict gv = grad_v_parts ? grad_v_parts + part * A : NULL;
+        if (gv) memset(gv, 0, (size_t)A * sizeof(float));
         const int64_t b_end = (part + 1) * SENTENCES_PER_PART < B ? (part + 1) * SENTENCES_PER_PART : B;
         for (int64_t b = part * SENTENCES_PER_PART; b < b_end; ++b) {
-            memset(grad_q + b * T * A, 0, (size_t)(T * A) * sizeof(float));
-            memset(grad_k + b * S * A, 0, (size_t)(S * A) * sizeof(float));
-            memset(grad_memory + b * S * H, 0, (size_t)(S * H) * sizeof(float));
-            /* the context's product and the softmax, backwards: the scores' gradient */
-            for (int64_t t = 0; t < T; ++t) {
+            if (grad_q) memset(grad_q + b * T * A, 0, (size_t)(T * A) * sizeof(float));
+            if (grad_k) memset(grad_k + b * S * A, 0, (size_t)(S * A) * sizeof(float));
+            if (grad_memory) memset(grad_memory + b * S * H, 0, (size_t)(S * H) * sizeof(float));
+            /* the context's product and the softmax, backwards: the scores' gradient (and the memory's) */
+            for (int64_t t = 0; t < T && (grad_memory || !scores_given); ++t) {
                 const float *restrict w = weights + (b * T + t) * S;
                 const float *restrict gc = grad_context + (b * T + t) * H;
                 float *restrict gs = grad_scores + (b * T + t) * S;
                 float weighted = 0.f;
                 for (int64_t s = 0; s < S; ++s) {
-                    gs[s] = 0.f;
+                    if (!scores_given) gs[s] = 0.f;
                     if (!mask[b * S + s]) continue;
-                    const float *restrict ms = memory + (b * S + s) * H;
-                    float *restrict gm = grad_memory + (b * S + s) * H;
                     const float ws = w[s];
+                    if (grad_memory) {
+                        float *restrict gm = grad_memory + (b * S + s) * H;
+#pragma omp simd
+                        for (int64_t h = 0; h < H; ++h) gm[h] += ws * gc[h];
+                    }
+                    if (scores_given) continue;
+                    const float *restrict ms = memory + (b * S + s) * H;
                     float gw = grad_weights ? grad_weights[(b * T + t) * S + s] : 0.f;
 #pragma omp simd reduction(+ : gw)
-                    for (int64_t h = 0; h < H; ++h) {
-                        gw += gc[h] * ms[h];
-                        gm[h] += ws * gc[h];
-                    }
+                    for (int64_t h = 0; h < H; ++h) gw += gc[h] * ms[h];
                     gs[s] = gw;
                     weighted += ws * gw;
                 }
-                for (int64_t s = 0; s < S; ++s) gs[s] = w[s] * (gs[s] - weighted);
+                if (!scores_given)
+                    for (int64_t s = 0; s < S; ++s) gs[s] = w[s] * (gs[s] - weighted);
             }
             /* the scores, backwards */
+            if (!grad_q && !grad_k && !gv) continue;
             for (int64_t s = 0; s < S; ++s) {
                 if (!mask[b * S + s]) continue;
                 const float *restrict ks = k + (b * S + s) * A;
-                float *restrict gk = grad_k + (b * S + s) * A;
+                float *restrict gk = grad_k ? grad_k + (b * S + s) * A : NULL;
                 for (int64_t t = 0; t < T; ++t) {
                     const float g = grad_scores[(b * T + t) * S + s];
                     if (g == 0.f) continue;
                     const float *restrict qt = q + (b * T + t) * A;
-                    float *restrict gq = grad_q + (b * T + t) * A;
+                    float *restrict gq = grad_q ? grad_q + (b * T + t) * A : NULL;
+                    if (gq && gk && gv) {
 #pragma omp simd
-                    for (int64_t a = 0; a < A; ++a) {
-                        const float y = tanh_rational(qt[a] + ks[a]);
-                        const float d = g * v[a] * (1.f - y * y);
-                        gv[a] += g * y;
-                        gq[a] += d;
-                        gk[a] += d;
+                        for (int64_t a = 0; a < A; ++a) {
+                            const float y = tanh_rational(qt[a] + ks[a]);
+                            const float d = g * v[a] * (1.f - y * y);
+                            gv[a] += g * y;
+                            gq[a] += d;
+                            gk[a] += d;
+                        }
+                    } else if (gq && !gk && !gv) {  /* a training step: the query's gradient only */
+#pragma omp simd
+                        for (int64_t a = 0; a < A; ++a) {
+                            const float y = tanh_rational(qt[a] + ks[a]);
+                            gq[a] += g * v[a] * (1.f - y * y);
+                        }
+                    } else if (!gq && gk && gv) {  /* after training's last step: the keys' and v's */
+#pragma omp simd
+                        for (int64_t a = 0; a < A; ++a) {
+                            const float y = tanh_rational(qt[a] + ks[a]);
+                            gv[a] += g * y;
+                            gk[a] += g * v[a] * (1.f - y * y);
+                        }
+                    } else {
+                        for (int64_t a = 0; a < A; ++a) {
+                            const float y = tanh_rational(qt[a] + ks[a]);
+                            const float d = g * v[a] * (1.f - y * y);
+                            if (gv) gv[a] += g * y;
+                            if (gq) gq[a] += d;
+                            if (gk) gk[a] += d;
+                        }
                     }
                 }
             }
