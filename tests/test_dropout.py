@@ -1,8 +1,24 @@
-"""The fast CPU dropout: the mask's rate, the scaling, the gradient, and where it steps aside."""
+"""The fast CPU dropout: the mask's rate, the scaling, the gradient, and where it steps aside; with the C kernel
+and with ATen's bits."""
+import os
+import shutil
+
 import pytest
 import torch
 
+from seq2seq.models import dropout as dropout_module
 from seq2seq.models.dropout import LEVELS, Dropout, dropout
+
+
+@pytest.fixture(autouse=True, params=["kernel", "aten"])
+def way(request, monkeypatch):
+    """Every test runs with the C kernel (where a compiler is) and with ATen's random bits."""
+    if request.param == "kernel" and shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SEQ2SEQ_DROPOUT_KERNEL", "1" if request.param == "kernel" else "0")
+    dropout_module.LIBRARY.forget()
+    yield request.param
+    dropout_module.LIBRARY.forget()
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
@@ -48,3 +64,32 @@ def test_evaluation_and_edge_rates_are_plain():
 def test_bfloat16_input_stays_bfloat16():
     y = dropout(torch.ones(100, dtype=torch.bfloat16), 0.2, True)
     assert y.dtype == torch.bfloat16
+
+
+def test_the_kernel_is_used_where_it_can_be(way):
+    assert dropout_module.LIBRARY.usable(torch.ones(3)) == (way == "kernel")
+
+
+def test_neighbouring_elements_and_calls_are_independent():
+    """Pairs of elements (neighbours, and the same element in two calls) are both kept at rate (1 - p)^2."""
+    torch.manual_seed(4)
+    x = torch.ones(200_000)
+    a, b = dropout(x, 0.5, True) != 0, dropout(x, 0.5, True) != 0
+    for first, second in ((a[:-1], a[1:]), (a[:-4], a[4:]), (a, b)):
+        assert (first & second).float().mean().item() == pytest.approx(0.25, abs=0.005)
+
+
+def test_mask_does_not_depend_on_the_thread_count():
+    x = torch.randn(300_001, requires_grad=True)  # enough to be shared out over the threads
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(5)
+            y = dropout(x, 0.2, True)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), x.grad.clone()))
+            x.grad = None
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
