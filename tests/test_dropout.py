@@ -93,3 +93,12 @@ def test_mask_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_runs_under_the_profiler_recording_shapes():
+    """The profiler records an autograd Function's arguments, the seed among them, as 64-bit ints."""
+    x = torch.ones(1000, requires_grad=True)
+    for seed in range(20):  # some seeds drawn are negative
+        torch.manual_seed(seed)
+        with torch.profiler.profile(record_shapes=True):
+            dropout(x, 0.2, True).sum().backward()

@@ -52,4 +52,9 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
         else:
             h = tanh_(gates_in + gates_h)
         hiddens.append(h)
-    return hiddens[-1], torch.stack(hiddens), torch.stack(cells) if cells else None
+    return hiddens[-1], _layers(hiddens), _layers(cells) if cells else None
+
+
+def _layers(states: list) -> torch.Tensor:
+    """[B, D] per layer -> [L, B, D]; one layer's as a view (torch.stack copies even one tensor)."""
+    return states[0][None] if len(states) == 1 else torch.stack(states)

@@ -39,9 +39,10 @@ LIBRARY = clib.Library("dropout.c", "SEQ2SEQ_DROPOUT_KERNEL", "dropout", _Kernel
 
 
 def _apply(x: torch.Tensor, seed: int, dropped: int, scale: float) -> torch.Tensor:
-    """x (contiguous float32) with the seed's mask applied: kept elements times ``scale``, the rest 0."""
+    """x (contiguous float32) with the seed's mask applied: kept elements times ``scale``, the rest 0. The seed
+    is a signed 64-bit int (an autograd Function's argument: the profiler records it as one)."""
     out = torch.empty_like(x)
-    LIBRARY.get().apply(x.data_ptr(), out.data_ptr(), seed, x.numel(), dropped, scale,
+    LIBRARY.get().apply(x.data_ptr(), out.data_ptr(), seed % (1 << 64), x.numel(), dropped, scale,
                         clib.threads_for(x.numel(), PARALLEL_ELEMENTS))
     return out
 
@@ -66,7 +67,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return F.dropout(x, p, training)
     scale = LEVELS / (LEVELS - dropped)
     if LIBRARY.usable(x):
-        seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64)) % (1 << 64)  # torch's generator
+        seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))  # from torch's generator
         if torch.is_grad_enabled() and x.requires_grad:
             return _KernelDropout.apply(x.contiguous(), seed, dropped, scale)
         return _apply(x.contiguous(), seed, dropped, scale)
