@@ -166,6 +166,34 @@ def test_gru_cell_is_the_same_on_any_number_of_threads():
 
 
 @needs_compiler
+@pytest.mark.parametrize("length", [1, 6])
+def test_gru_recurrence_and_its_gradients_match_float64(length):
+    """The whole-sequence node (encoder) equals a float64 step loop: outputs and the gradients of gates_in, w_hh
+    and b_hh, with the outputs' gradient given non-contiguous (as the encoder's concatenation gives it)."""
+    generator = torch.Generator().manual_seed(5)
+    batch, size = 7, 37
+    gates_in = torch.randn(batch, length, 3 * size, generator=generator) * 2
+    w_hh = torch.randn(3 * size, size, generator=generator) * 0.3
+    b_hh = torch.randn(3 * size, generator=generator)
+    grad = torch.randn(batch, length, 2 * size, generator=generator)[:, :, :size]  # non-contiguous
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.to(dtype).requires_grad_() for t in (gates_in, w_hh, b_hh)]
+        if dtype == torch.float64:
+            h, outputs = torch.zeros(batch, size, dtype=dtype), []
+            for t in range(length):
+                h = gru_reference(leaves[0][:, t], torch.addmm(leaves[2], h, leaves[1].t()), h)
+                outputs.append(h)
+            out = torch.stack(outputs, 1)
+        else:
+            out = gru_kernel.gru_recurrence(*leaves)
+        out.backward(grad.to(dtype))
+        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    for expected, found in zip(*results):
+        assert torch.allclose(found.double(), expected, atol=1e-5)
+
+
+@needs_compiler
 def test_gru_cell_refuses_shapes_and_types_that_do_not_fit():
     with pytest.raises(ValueError, match="do not fit"):
         gru_kernel.gru_cell(torch.zeros(2, 12), torch.zeros(2, 12), torch.zeros(2, 5))

@@ -28,15 +28,9 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int, drop
 def gru_layer(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
               b_hh: torch.Tensor) -> torch.Tensor:
     """One direction of one GRU layer from a zero state, x [B, S, I] -> outputs [B, S, H], as torch.gru computes
-    it, with the input product for all positions at once and the cell's elementwise half in the C kernel
-    (``gru_kernel``): ATen's loop records a dozen autograd nodes per step, this one three."""
-    gates_in = F.linear(x, w_ih, b_ih)  # [B, S, 3H]
-    h = x.new_zeros(x.size(0), w_hh.size(1))
-    outputs = []
-    for step_gates in gates_in.unbind(1):  # [B, 3H] views, rows contiguous
-        h = gru_kernel.gru_cell(step_gates, torch.addmm(b_hh, h, w_hh.t()), h)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1)
+    it, with the input product for all positions at once and the recurrence as one autograd node around the
+    C kernel (``gru_kernel.gru_recurrence``): ATen's loop records a dozen autograd nodes per step."""
+    return gru_kernel.gru_recurrence(F.linear(x, w_ih, b_ih), w_hh, b_hh)  # gates_in [B, S, 3H]
 
 
 def _reorder(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

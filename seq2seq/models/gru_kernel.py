@@ -7,7 +7,8 @@ memory: ~580 us per step at 160 sentences x 256 (AMD EPYC, 2 threads), a few per
 decoder and as much again in the encoder. The kernel does it in one pass each way and saves r, z, n and h_n for
 the backward pass. The decoder's cell (``cell.rnn_cell_step``) and the encoder's GRU (``encoder.gru_layer``) use it
 where it can be used (``clib.py``: built on first use; ``SEQ2SEQ_GRU_KERNEL=0`` turns it off), ATen otherwise,
-with the same results within float rounding (tests).
+with the same results within float rounding (tests); the encoder runs each direction's whole recurrence as one
+autograd node (``gru_recurrence``).
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ PARALLEL_ELEMENTS = 2**14  # fewer [B, H] elements than this run on one thread
 
 
 class _Kernel:
-    """The loaded library's two functions: tensors' addresses (and gi's row stride), then B, H, threads."""
+    """The loaded library's two functions: tensors' addresses (and row strides), then B, H, threads."""
 
     def __init__(self, library: ctypes.CDLL):
         self.forward = clib.declare(library.gru_cell_forward, [POINTER, INT] + [POINTER] * 4 + [INT] * 3)
-        self.backward = clib.declare(library.gru_cell_backward, [POINTER] * 6 + [INT] * 3)
+        self.backward = clib.declare(library.gru_cell_backward, [POINTER, INT] + [POINTER] * 4 + [INT]
+                                     + [POINTER] * 2 + [INT] * 3)
 
 
 LIBRARY = clib.Library("gru_cell.c", "SEQ2SEQ_GRU_KERNEL", "GRU cell", _Kernel)
@@ -75,8 +77,8 @@ class GRUCellFunction(torch.autograd.Function):
         grad_h_new = grad_h_new.contiguous()
         batch, size = h.shape
         grad_in, grad_h_gates, grad_h = h.new_empty(batch, 3 * size), h.new_empty(batch, 3 * size), torch.empty_like(h)
-        LIBRARY.get().backward(grad_h_new.data_ptr(), h.data_ptr(), saved.data_ptr(), grad_in.data_ptr(),
-                               grad_h_gates.data_ptr(), grad_h.data_ptr(), batch, size,
+        LIBRARY.get().backward(grad_h_new.data_ptr(), size, None, h.data_ptr(), saved.data_ptr(), grad_in.data_ptr(),
+                               3 * size, grad_h_gates.data_ptr(), grad_h.data_ptr(), batch, size,
                                clib.threads_for(batch * size, PARALLEL_ELEMENTS))
         return grad_in, grad_h_gates, grad_h
 
@@ -87,3 +89,62 @@ def gru_cell(gates_in: torch.Tensor, gates_h: torch.Tensor, h: torch.Tensor) -> 
     if torch.is_grad_enabled() and any(t.requires_grad for t in (gates_in, gates_h, h)):
         return GRUCellFunction.apply(gates_in, gates_h, h)
     return _forward(gates_in, gates_h, h)[0]
+
+
+class GRURecurrence(torch.autograd.Function):
+    """A GRU layer's recurrence from a zero state over a whole sequence as one autograd node: gates_in [B, S, 3H]
+    (the input's product with its bias, for all positions), w_hh [3H, H], b_hh [3H] -> outputs [B, S, H].
+
+    Step by step, autograd recorded a product, the cell and their gradients' bookkeeping per step: a node for
+    each, the weight's gradient as a small product and an addition per step, and the gates' gradient stacked
+    from per-step pieces at the end. Here the forward pass runs the state's product and the cell kernel per
+    step into buffers for the whole sequence, and the backward pass runs the steps in reverse, the kernel
+    writing the gates' gradients straight into their [B, S, 3H] and [S, B, 3H] buffers and adding the next
+    step's share of the state's gradient itself; w_hh's gradient is then one product over all steps."""
+
+    @staticmethod
+    def forward(ctx, gates_in, w_hh, b_hh):
+        batch, length, size = gates_in.size(0), gates_in.size(1), w_hh.size(1)
+        if gates_in.stride(-1) != 1:  # the kernel reads each row's 3H floats in a run, rows stride(0) apart
+            gates_in = gates_in.contiguous()
+        states = gates_in.new_empty(length + 1, batch, size)  # [S + 1, B, H]: h_0 = 0, then each step's
+        states[0].zero_()
+        saved = gates_in.new_empty(length, batch, 4 * size)  # what each step's backward pass needs
+        w_hh_t, threads = w_hh.t(), clib.threads_for(batch * size, PARALLEL_ELEMENTS)
+        forward = LIBRARY.get().forward
+        for t in range(length):
+            gates_h = torch.addmm(b_hh, states[t], w_hh_t)  # [B, 3H]
+            forward(gates_in[:, t].data_ptr(), gates_in.stride(0), gates_h.data_ptr(), states[t].data_ptr(),
+                    states[t + 1].data_ptr(), saved[t].data_ptr(), batch, size, threads)
+        ctx.save_for_backward(w_hh, states, saved)
+        return states[1:].transpose(0, 1)  # [B, S, H]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_outputs):
+        w_hh, states, saved = ctx.saved_tensors
+        length, batch, size = saved.size(0), saved.size(1), w_hh.size(1)
+        grad_outputs = grad_outputs.contiguous()  # [B, S, H]
+        grad_gates_in = grad_outputs.new_empty(batch, length, 3 * size)
+        grad_gates_h = grad_outputs.new_empty(length, batch, 3 * size)
+        direct, carry = grad_outputs.new_empty(batch, size), None  # the state's gradient: through z, through w_hh
+        backward, threads = LIBRARY.get().backward, clib.threads_for(batch * size, PARALLEL_ELEMENTS)
+        for t in reversed(range(length)):
+            backward(grad_outputs[:, t].data_ptr(), length * size, None if carry is None else carry.data_ptr(),
+                     states[t].data_ptr(), saved[t].data_ptr(), grad_gates_in[:, t].data_ptr(), length * 3 * size,
+                     grad_gates_h[t].data_ptr(), direct.data_ptr(), batch, size, threads)
+            if t:
+                carry = torch.addmm(direct, grad_gates_h[t], w_hh)  # [B, H] to step t - 1
+        flat_grad_h = grad_gates_h.view(-1, 3 * size)  # [S * B, 3H]
+        grad_w_hh = torch.mm(flat_grad_h.t(), states[:-1].reshape(-1, size))  # h_{t-1} of every step
+        return grad_gates_in, grad_w_hh, flat_grad_h.sum(0)
+
+
+def gru_recurrence(gates_in: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+    """outputs [B, S, H] of a GRU layer from a zero state, given its input products gates_in [B, S, 3H]
+    (:class:`GRURecurrence`; float32 CPU tensors, ``usable`` first)."""
+    batch, length, size = gates_in.size(0), gates_in.size(1), w_hh.size(1)
+    if gates_in.shape != (batch, length, 3 * size) or w_hh.shape != (3 * size, size) or b_hh.shape != (3 * size,):
+        raise ValueError(f"GRU recurrence: gates_in {tuple(gates_in.shape)}, w_hh {tuple(w_hh.shape)} and b_hh "
+                         f"{tuple(b_hh.shape)} do not fit [B, S, 3H], [3H, H], [3H]")
+    return GRURecurrence.apply(gates_in, w_hh.contiguous(), b_hh.contiguous())
