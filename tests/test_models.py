@@ -355,3 +355,33 @@ def test_attention_gradients_summed_once_equal_per_step_ones(attention, feeding,
     assert calls == [1]
     for a, b in zip(once, per_step):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_lengths", [[5, 3, 8, 1], [1]])
+def test_decoder_loop_as_one_node_equals_the_step_by_step_path(batch_lengths, monkeypatch):
+    """The peers' decoder (GRU, luong_concat, input feeding, one layer) trains through decoder_loop.DecoderLoop:
+    pre-outputs, attention weights and every gradient (through both) equal the step-by-step path's."""
+    from seq2seq.models import decoder_loop
+
+    torch.manual_seed(14)
+    model = Seq2Seq(tiny_model_config(attention="luong_concat", input_feeding=True, dec_layers=1), 20, 20).train()
+    batch, _, _ = random_batch(20, batch_lengths, seed=15)
+    if not decoder_loop.usable(model.decoder, torch.zeros(1)):
+        pytest.skip("the C kernels are not built here")
+    parameters = [p for name, p in model.named_parameters() if not name.startswith("decoder.output")]
+    results = []
+    for fused in (True, False):
+        enc = model.decoder.prepare(model.encode(batch.src, batch.src_len))
+        monkeypatch.setattr(decoder_loop, "usable", (lambda *args: True) if fused else (lambda *args: False))
+        calls = []
+        monkeypatch.setattr(decoder_loop.DecoderLoop, "apply", lambda *a, f=decoder_loop.DecoderLoop.apply: (
+            calls.append(1), f(*a))[1])
+        pre, attn = model.decoder.pre_outputs(batch.tgt_in, enc)
+        assert len(calls) == int(fused)
+        generator = torch.Generator().manual_seed(16)
+        loss = (pre * torch.randn(pre.shape, generator=generator)).sum() + (attn * torch.randn(
+            attn.shape, generator=generator)).sum()
+        grads = torch.autograd.grad(loss, parameters)
+        results.append([pre.detach(), attn.detach()] + list(grads))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

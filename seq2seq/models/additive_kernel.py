@@ -60,18 +60,26 @@ def _sizes(query: torch.Tensor, memory: torch.Tensor) -> tuple:
 
 
 def _forward(query, keys, v, memory, mask) -> tuple:
-    """The forward pass on contiguous tensors (mask as uint8) -> (context, weights). The kernel reads raw
-    memory, so the shapes are checked here rather than trusted."""
+    """The forward pass on contiguous tensors (mask as uint8) -> (context, weights)."""
+    (batch, steps, _), width = query.shape, memory.size(2)
+    weights, context = query.new_empty(batch, steps, keys.size(1)), query.new_empty(batch, steps, width)
+    forward_into(query, keys, v, memory, mask, weights, context)
+    return context, weights
+
+
+def forward_into(query, keys, v, memory, mask, weights, context) -> None:
+    """The forward pass on contiguous tensors (mask as uint8) into weights [B, T, S] and context [B, T, H]. The
+    kernel reads and writes raw memory, so the shapes are checked here rather than trusted."""
     (batch, steps, size), (length, width) = query.shape, memory.shape[1:]
-    if (tuple(keys.shape), tuple(v.shape), tuple(mask.shape), memory.size(0)) != (
-            (batch, length, size), (size,), (batch, length), batch):
+    if (tuple(keys.shape), tuple(v.shape), tuple(mask.shape), memory.size(0), tuple(weights.shape),
+            tuple(context.shape)) != ((batch, length, size), (size,), (batch, length), batch, (batch, steps, length),
+                                      (batch, steps, width)):
         raise ValueError(f"additive attention: query {tuple(query.shape)}, keys {tuple(keys.shape)}, v "
-                         f"{tuple(v.shape)}, memory {tuple(memory.shape)} and mask {tuple(mask.shape)} do not fit "
-                         "[B, T, A], [B, S, A], [A], [B, S, H], [B, S]")
-    weights, context = query.new_empty(batch, steps, length), query.new_empty(batch, steps, width)
+                         f"{tuple(v.shape)}, memory {tuple(memory.shape)}, mask {tuple(mask.shape)}, weights "
+                         f"{tuple(weights.shape)} and context {tuple(context.shape)} do not fit [B, T, A], [B, S, A], "
+                         "[A], [B, S, H], [B, S], [B, T, S], [B, T, H]")
     kernel().forward(*(t.data_ptr() for t in (query, keys, v, mask, memory, weights, context)),
                      *_sizes(query, memory))
-    return context, weights
 
 
 class AdditiveAttentionFunction(torch.autograd.Function):
@@ -93,9 +101,9 @@ class AdditiveAttentionFunction(torch.autograd.Function):
         grad_context, grad_weights = _incoming(weights, memory, grad_context, grad_weights)
         grad_query, grad_keys, grad_memory = torch.empty_like(query), torch.empty_like(keys), torch.empty_like(memory)
         grad_scores = torch.empty_like(weights)  # the kernel's scratch
-        grad_v_parts = _v_parts(query, v)
-        _backward(query, keys, v, mask, memory, weights, grad_context, grad_weights, grad_scores, False,
-                  grad_query, grad_keys, grad_v_parts, grad_memory)
+        grad_v_parts = v_parts(query, v)
+        backward_into(query, keys, v, mask, memory, weights, grad_context, grad_weights, grad_scores, False,
+                      grad_query, grad_keys, grad_v_parts, grad_memory)
         return grad_query, grad_keys, grad_v_parts.sum(0), grad_memory, None
 
 
@@ -106,13 +114,13 @@ def _incoming(weights: torch.Tensor, memory: torch.Tensor, grad_context, grad_we
     return grad_context, None if grad_weights is None else grad_weights.contiguous()
 
 
-def _v_parts(query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def v_parts(query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[parts, A]: the kernel writes v's gradient in parts of SENTENCES_PER_PART sentences (summed by the caller)."""
     return v.new_empty(-(-query.size(0) // SENTENCES_PER_PART), v.size(0))
 
 
-def _backward(query, keys, v, mask, memory, weights, grad_context, grad_weights, grad_scores, scores_given: bool,
-              grad_query, grad_keys, grad_v_parts, grad_memory) -> None:
+def backward_into(query, keys, v, mask, memory, weights, grad_context, grad_weights, grad_scores,
+                  scores_given: bool, grad_query, grad_keys, grad_v_parts, grad_memory) -> None:
     """The kernel's backward pass; outputs given as None are not computed (see the C file)."""
     def address(t):
         return None if t is None else t.data_ptr()
@@ -154,9 +162,9 @@ class StepGradients:
             return None, None, None
         query, weights, grad_context, grad_scores = (torch.cat(parts, dim=1) for parts in zip(*done))
         keys, v, memory = self.keys, self.v, self.memory
-        grad_keys, grad_memory, grad_v_parts = torch.empty_like(keys), torch.empty_like(memory), _v_parts(query, v)
-        _backward(query, keys, v, self.mask, memory, weights, grad_context, None, grad_scores, True,
-                  None, grad_keys, grad_v_parts, grad_memory)
+        grad_keys, grad_memory, grad_v_parts = torch.empty_like(keys), torch.empty_like(memory), v_parts(query, v)
+        backward_into(query, keys, v, self.mask, memory, weights, grad_context, None, grad_scores, True,
+                      None, grad_keys, grad_v_parts, grad_memory)
         self.steps.clear()  # what the steps kept goes with the graph
         return grad_keys, grad_v_parts.sum(0), grad_memory
 
@@ -198,8 +206,8 @@ class _StepAttention(torch.autograd.Function):
         keys, v, memory = steps.keys, steps.v, steps.memory
         grad_context, grad_weights = _incoming(weights, memory, grad_context, grad_weights)
         grad_query, grad_scores = torch.empty_like(query), torch.empty_like(weights)
-        _backward(query, keys, v, steps.mask, memory, weights, grad_context, grad_weights, grad_scores, False,
-                  grad_query, None, None, None)
+        backward_into(query, keys, v, steps.mask, memory, weights, grad_context, grad_weights, grad_scores, False,
+                      grad_query, None, None, None)
         steps.steps[ctx.index] = (query, weights, grad_context, grad_scores)
         return grad_query, None, None, None, None
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
+from seq2seq.models import decoder_loop
 from seq2seq.models.cell import rnn_cell_step
 from seq2seq.models.dropout import Dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
@@ -357,6 +358,8 @@ class Decoder(nn.Module):
         if fused and self.can_fuse:
             return self._fused(embedded, state, enc)
         emb_gates = self.embedding_products(embedded)  # [B, T, G*D] or None
+        if emb_gates is not None and decoder_loop.usable(self, emb_gates, enc.memory):  # the peers' decoder
+            return decoder_loop.pre_outputs(self, emb_gates, state.hidden[0], state.feed, enc)
         gates = [None] * tgt_in.size(1) if emb_gates is None else emb_gates.unbind(1)
         weights = self.cell_weights() if self.manual_cell else None
         if isinstance(self.attention, AdditiveAttention) and not self.compile_step:  # keys' gradients summed once
