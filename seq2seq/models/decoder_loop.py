@@ -14,6 +14,7 @@ equal the step-by-step path's within float rounding (tests); ``Decoder.pre_outpu
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from seq2seq.models import additive_kernel, clib, gru_kernel
@@ -23,8 +24,6 @@ def usable(decoder, *tensors: torch.Tensor) -> bool:
     """Whether ``decoder`` (a ``Decoder``) can train through :class:`DecoderLoop` on these tensors: the peers'
     decoder (GRU, one layer, ``luong_concat`` attention, input feeding) in float32 on the CPU with both kernels
     built, outside autocast and torch.compile."""
-    from torch import nn
-
     cfg = decoder.cfg
     if not (cfg.cell == "gru" and cfg.dec_layers == 1 and cfg.attention == "luong_concat" and decoder.input_feeding
             and type(decoder.rnn) is nn.GRU and type(decoder.attention.energy) is nn.Linear
