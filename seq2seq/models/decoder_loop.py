@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from seq2seq.models import additive_kernel, clib, gru_kernel
+from seq2seq.models import additive_kernel, gru_kernel
 
 
 def usable(decoder, *tensors: torch.Tensor) -> bool:
@@ -72,13 +72,10 @@ class DecoderLoop(torch.autograd.Function):
         states[0].copy_(hidden)
         feeds[0].copy_(feed)
         w_pre_h, w_pre_c = w_pre[:, :size].t(), w_pre[:, size:].t()  # [D, D], [H, D]
-        gru_forward, threads = gru_kernel.LIBRARY.get().forward, clib.threads_for(batch * size,
-                                                                                 gru_kernel.PARALLEL_ELEMENTS)
         for t in range(steps):
             gates_in = torch.addmm(emb_gates[:, t], feeds[t], w_feed.t())  # [B, 3D]
             gates_h = torch.addmm(b_hh, states[t], w_hh.t())  # [B, 3D]
-            gru_forward(gates_in.data_ptr(), 3 * size, gates_h.data_ptr(), states[t].data_ptr(),
-                        states[t + 1].data_ptr(), saved[t].data_ptr(), batch, size, threads)
+            gru_kernel.step_into(gates_in, gates_h, states[t], states[t + 1], saved[t])
             torch.mm(states[t + 1], w_query.t(), out=queries[t])
             additive_kernel.forward_into(queries[t][:, None], keys, v, memory, mask, weights[t][:, None],
                                          contexts[t][:, None])
@@ -103,8 +100,6 @@ class DecoderLoop(torch.autograd.Function):
         grad_contexts, grad_scores = new(steps, batch, contexts.size(2)), new(steps, batch, weights.size(2))
         direct = new(batch, size)  # the state's gradient through the GRU's update gate
         w_pre_h, w_pre_c = w_pre[:, :size], w_pre[:, size:]
-        gru_backward, threads = gru_kernel.LIBRARY.get().backward, clib.threads_for(batch * size,
-                                                                                   gru_kernel.PARALLEL_ELEMENTS)
         carry_state = carry_feed = None  # what step t + 1 sends back to h_t+1 and f_t+1
         for t in reversed(range(steps)):
             grad_feed = grad_pre[:, t] if carry_feed is None else grad_pre[:, t] + carry_feed
@@ -116,9 +111,8 @@ class DecoderLoop(torch.autograd.Function):
                                           grad_contexts[t][:, None], step_weights, grad_scores[t][:, None], False,
                                           grad_query[t][:, None], None, None, None)
             grad_state.addmm_(grad_query[t], w_query)
-            gru_backward(grad_state.data_ptr(), size, None if carry_state is None else carry_state.data_ptr(),
-                         states[t].data_ptr(), saved[t].data_ptr(), grad_gates_in[t].data_ptr(), 3 * size,
-                         grad_gates_h[t].data_ptr(), direct.data_ptr(), batch, size, threads)
+            gru_kernel.step_backward_into(grad_state, carry_state, states[t], saved[t], grad_gates_in[t],
+                                          grad_gates_h[t], direct)
             carry_state = torch.addmm(direct, grad_gates_h[t], w_hh)  # [B, D] to h_t
             carry_feed = torch.mm(grad_gates_in[t], w_feed)  # [B, D] to f_t
 

@@ -55,10 +55,28 @@ def _forward(gates_in: torch.Tensor, gates_h: torch.Tensor, h: torch.Tensor) -> 
                          f"{tuple(h.shape)} do not fit [B, 3H], [B, 3H], [B, H]")
     gates_in, gates_h, h = _rows(gates_in), gates_h.contiguous(), h.contiguous()
     h_new, saved = torch.empty_like(h), h.new_empty(batch, 4 * size)
+    step_into(gates_in, gates_h, h, h_new, saved)
+    return h_new, saved
+
+
+def step_into(gates_in, gates_h, h, h_new, saved) -> None:
+    """The kernel's forward pass into given buffers, shapes as checked by the callers: gates_in [B, 3H] (rows
+    contiguous, stride(0) apart), gates_h [B, 3H], h and h_new [B, H], saved [B, 4H] (contiguous)."""
+    batch, size = h.shape
     LIBRARY.get().forward(gates_in.data_ptr(), gates_in.stride(0), gates_h.data_ptr(), h.data_ptr(),
                           h_new.data_ptr(), saved.data_ptr(), batch, size,
                           clib.threads_for(batch * size, PARALLEL_ELEMENTS))
-    return h_new, saved
+
+
+def step_backward_into(grad_h_new, carry, h, saved, grad_gates_in, grad_gates_h, grad_h) -> None:
+    """The kernel's backward pass into given buffers: grad_h_new [B, H] plus carry [B, H] (None: 0; the
+    state's gradient from the next step) -> grad_gates_in, grad_gates_h [B, 3H], grad_h [B, H] (written).
+    grad_h_new's and grad_gates_in's rows are contiguous, stride(0) apart; the rest contiguous."""
+    batch, size = h.shape
+    LIBRARY.get().backward(grad_h_new.data_ptr(), grad_h_new.stride(0), None if carry is None else carry.data_ptr(),
+                           h.data_ptr(), saved.data_ptr(), grad_gates_in.data_ptr(), grad_gates_in.stride(0),
+                           grad_gates_h.data_ptr(), grad_h.data_ptr(), batch, size,
+                           clib.threads_for(batch * size, PARALLEL_ELEMENTS))
 
 
 class GRUCellFunction(torch.autograd.Function):
@@ -77,9 +95,7 @@ class GRUCellFunction(torch.autograd.Function):
         grad_h_new = grad_h_new.contiguous()
         batch, size = h.shape
         grad_in, grad_h_gates, grad_h = h.new_empty(batch, 3 * size), h.new_empty(batch, 3 * size), torch.empty_like(h)
-        LIBRARY.get().backward(grad_h_new.data_ptr(), size, None, h.data_ptr(), saved.data_ptr(), grad_in.data_ptr(),
-                               3 * size, grad_h_gates.data_ptr(), grad_h.data_ptr(), batch, size,
-                               clib.threads_for(batch * size, PARALLEL_ELEMENTS))
+        step_backward_into(grad_h_new, None, h, saved, grad_in, grad_h_gates, grad_h)
         return grad_in, grad_h_gates, grad_h
 
 
@@ -110,12 +126,8 @@ class GRURecurrence(torch.autograd.Function):
         states = gates_in.new_empty(length + 1, batch, size)  # [S + 1, B, H]: h_0 = 0, then each step's
         states[0].zero_()
         saved = gates_in.new_empty(length, batch, 4 * size)  # what each step's backward pass needs
-        w_hh_t, threads = w_hh.t(), clib.threads_for(batch * size, PARALLEL_ELEMENTS)
-        forward = LIBRARY.get().forward
         for t in range(length):
-            gates_h = torch.addmm(b_hh, states[t], w_hh_t)  # [B, 3H]
-            forward(gates_in[:, t].data_ptr(), gates_in.stride(0), gates_h.data_ptr(), states[t].data_ptr(),
-                    states[t + 1].data_ptr(), saved[t].data_ptr(), batch, size, threads)
+            step_into(gates_in[:, t], torch.addmm(b_hh, states[t], w_hh.t()), states[t], states[t + 1], saved[t])
         ctx.save_for_backward(w_hh, states, saved)
         return states[1:].transpose(0, 1)  # [B, S, H]
 
@@ -128,11 +140,9 @@ class GRURecurrence(torch.autograd.Function):
         grad_gates_in = grad_outputs.new_empty(batch, length, 3 * size)
         grad_gates_h = grad_outputs.new_empty(length, batch, 3 * size)
         direct, carry = grad_outputs.new_empty(batch, size), None  # the state's gradient: through z, through w_hh
-        backward, threads = LIBRARY.get().backward, clib.threads_for(batch * size, PARALLEL_ELEMENTS)
         for t in reversed(range(length)):
-            backward(grad_outputs[:, t].data_ptr(), length * size, None if carry is None else carry.data_ptr(),
-                     states[t].data_ptr(), saved[t].data_ptr(), grad_gates_in[:, t].data_ptr(), length * 3 * size,
-                     grad_gates_h[t].data_ptr(), direct.data_ptr(), batch, size, threads)
+            step_backward_into(grad_outputs[:, t], carry, states[t], saved[t], grad_gates_in[:, t], grad_gates_h[t],
+                               direct)
             if t:
                 carry = torch.addmm(direct, grad_gates_h[t], w_hh)  # [B, H] to step t - 1
         flat_grad_h = grad_gates_h.view(-1, 3 * size)  # [S * B, 3H]
