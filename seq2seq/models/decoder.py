@@ -26,7 +26,7 @@ from seq2seq.models.cell import rnn_cell_step
 from seq2seq.models.dropout import Dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
-from seq2seq.models.packed import PACKED_LINEAR, LinearRows, pack_weight, packed_linear
+from seq2seq.models.packed import PACKED_LINEAR, LinearRows, output_logits
 from seq2seq.models.tanh import tanh_
 from seq2seq.models.weight_cache import DecodingWeights, versions
 
@@ -142,8 +142,8 @@ class Decoder(nn.Module):
         """pre-output vectors [..., D] -> logits [..., V]"""
         if self.bf16_products:
             return self.linear(self.dropout(pre_output), self.output.weight, self.output.bias)
-        if self._packs_output(pre_output):
-            return self._packed_output(pre_output)
+        if self._packs_output(pre_output):  # decoding: the weight reordered once (packed.output_logits)
+            return output_logits(self.output, self._decoding_cache, self.dropout(pre_output), PACK_ROWS)
         return self.output(self.dropout(pre_output))
 
     def _packs_output(self, pre_output: torch.Tensor) -> bool:
@@ -151,19 +151,6 @@ class Decoder(nn.Module):
         return (PACKED_LINEAR and not torch.is_grad_enabled() and pre_output.device.type == "cpu"
                 and pre_output.dtype == torch.float32 and type(self.output) is nn.Linear  # not int8-quantised
                 and not torch.is_autocast_enabled("cpu"))  # autocast would cast the op's weight to bfloat16
-
-    def _packed_output(self, pre_output: torch.Tensor) -> torch.Tensor:
-        """The output layer from a weight reordered once for oneDNN. A plain product re-packs the [V, D] weight
-        at every call, which costs most at the few rows of a decoding step: greedy decoding of test2016 ran
-        1.15x as fast this way (AMD EPYC, float32; beam 5, with its 5x the rows, the same), with equal output.
-        oneDNN keeps a kernel per row count (~1 MB each): rows padded to a multiple of 8 kept beam 5's peak
-        memory as it was (unpadded: +78 MiB, greedy 1.22x)."""
-        weight = self.output.weight
-        packed = self._decoding_cache.kept("packed output", (weight.device, *versions([weight])),
-                                           lambda: pack_weight(weight, PACK_ROWS))
-        flat = self.dropout(pre_output).reshape(-1, pre_output.size(-1))  # [R, D]
-        logits = packed_linear(flat, packed, self.output.bias)  # [R, V]
-        return logits.view(*pre_output.shape[:-1], logits.size(-1))
 
     def decoding_bf16(self) -> bool:
         """Decoding (no gradients) with ``bf16_products`` set: the step's products from cached bf16 weights."""
