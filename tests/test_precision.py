@@ -1,5 +1,5 @@
 """Fast products: bfloat16 (autocast, trainer.precision=bf16, translate --bf16) close to float32, and float32
-decoding's packed output layer equal to the plain product."""
+decoding's packed output layer and looked-up embedding products equal to the plain products."""
 import copy
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 from seq2seq.config import SearchConfig
 from seq2seq.models import decoder as decoder_module
+from seq2seq.models import weight_cache
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.search import search
 from tests.conftest import tiny_model_config
@@ -130,3 +131,40 @@ def test_float32_decoding_with_the_packed_output_layer_finds_the_same_translatio
     assert [[h.tokens for h in hyps] for hyps in packed] == [[h.tokens for h in hyps] for hyps in plain]
     for hyps_packed, hyps_plain in zip(packed, plain):
         assert [h.score for h in hyps_packed] == pytest.approx([h.score for h in hyps_plain], abs=1e-4)
+
+
+@pytest.mark.parametrize("cell,attention", [("gru", "luong_concat"), ("lstm", "bahdanau")])
+def test_float32_decoding_looks_up_the_embedding_products_in_a_table_that_follows_the_weights(cell, attention,
+                                                                                              monkeypatch):
+    torch.manual_seed(0)
+    model = Seq2Seq(tiny_model_config(cell=cell, attention=attention, input_feeding=True), 30, 40).eval()
+    decoder = model.decoder
+    batch, _, _ = random_batch(30, [3, 7, 5], seed=1)
+    tokens = torch.tensor([2, 5, 39])
+
+    def first_step(table: bool):
+        if not table:
+            monkeypatch.setattr(decoder_module.Decoder, "_gates_of", lambda self, tokens: None)
+        enc = model.encode(batch.src, batch.src_len)
+        logits = model.step(tokens, model.init_state(enc), enc)[0]
+        monkeypatch.undo()
+        return logits
+
+    with torch.no_grad():
+        looked_up = first_step(table=True)
+        table = decoder._decoding_cache["embedding gates"][1]
+        assert table.shape == (40, (4 if cell == "lstm" else 3) * decoder.cfg.dec_hidden_size)
+        torch.testing.assert_close(looked_up, first_step(table=False), rtol=1e-5, atol=1e-5)
+        first_step(table=True)
+        assert decoder._decoding_cache["embedding gates"][1] is table  # made once
+        decoder.embedding.weight.mul_(2)  # a changed weight makes the table again
+        torch.testing.assert_close(first_step(table=True), first_step(table=False), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(first_step(table=True), looked_up)
+        decoder._decoding_cache.clear()
+        monkeypatch.setattr(weight_cache, "MAX_TABLE_ELEMENTS", 40 * 3)  # too large a table: the plain product
+        first_step(table=True)
+        assert "embedding gates" not in decoder._decoding_cache
+        monkeypatch.undo()
+    enc = model.encode(batch.src, batch.src_len)  # with gradients: no table, and the embedding gets its gradient
+    model.step(tokens, model.init_state(enc), enc)[0].sum().backward()
+    assert "embedding gates" not in decoder._decoding_cache and decoder.embedding.weight.grad[39].abs().sum() > 0

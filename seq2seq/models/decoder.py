@@ -28,7 +28,7 @@ from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
 from seq2seq.models.packed import PACKED_LINEAR, LinearRows, output_logits
 from seq2seq.models.tanh import tanh_
-from seq2seq.models.weight_cache import DecodingWeights, versions
+from seq2seq.models.weight_cache import DecodingWeights, embedding_gates, versions
 
 
 @dataclass
@@ -181,9 +181,8 @@ class Decoder(nn.Module):
         return out.view(*x.shape[:-1], out.size(-1))
 
     def drop_cached_weights(self) -> None:
-        """Forget the weights prepared for decoding. Their key holds the weights' versions, but a fused
-        optimizer step updates a weight in place without changing its version: ``train_step`` calls this
-        after every update."""
+        """Forget the weights prepared for decoding. Their key holds the weights' versions, but a fused optimizer
+        step updates a weight in place without changing its version: ``train_step`` calls this after every update."""
         self._decoding_cache.clear()
 
     def advance(self, embedded: torch.Tensor, state: DecoderState, enc: EncoderOutput,
@@ -263,7 +262,7 @@ class Decoder(nn.Module):
         With a shortlist (``enc.vocab``), tokens and logits [R, V'] are positions in the batch's vocabulary."""
         if enc.vocab is not None:
             prev_tokens = enc.vocab[prev_tokens]
-        pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc)
+        pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc, self._gates_of(prev_tokens))
         if enc.output_rows is None:
             return self.project(pre_output), state, attn
         logits = enc.output_rows(self.dropout(pre_output))  # [R, V']
@@ -275,6 +274,14 @@ class Decoder(nn.Module):
     @property
     def manual_cell(self) -> bool:
         return isinstance(self.rnn, (nn.GRU, nn.LSTM, nn.RNN))  # not a quantised module
+
+    def _gates_of(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """float32 decoding: layer 0's product with the embeddings of tokens [R], looked up (``embedding_gates``)."""
+        if (self.training or torch.is_grad_enabled() or not self.manual_cell or self.bf16_products
+                or torch.is_autocast_enabled(tokens.device.type)):
+            return None
+        w_ih = self.rnn.weight_ih_l0[:, :self.cfg.emb_size]  # the embedding's columns
+        return embedding_gates(self._decoding_cache, self.embedding.weight, w_ih, self.rnn.bias_ih_l0, tokens)
 
     def embedding_products(self, embedded: torch.Tensor) -> Optional[torch.Tensor]:
         """embedded [B, T, E] -> its layer-0 input product plus bias [B, T, G*D], for all positions at once."""
@@ -373,9 +380,8 @@ class Decoder(nn.Module):
         return pre_output, attn
 
     def _maybe_compiled(self, name: str, function):
-        """``function`` itself, or through torch.compile when ``compile_step`` is set (compiled once, for
-        any batch and source size): fewer, fused kernels per step, at a per-call cost of its own.
-        ``bf16_products`` steps stay eager (not tried under torch.compile)."""
+        """``function`` itself, or through torch.compile when ``compile_step`` is set (compiled once, for any batch and
+        source size): fewer, fused kernels per step, at a cost per call of its own; ``bf16_products`` steps: eager."""
         if not self.compile_step or self.bf16_products:
             return function
         if name not in self._compiled:
