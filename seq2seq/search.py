@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
+from seq2seq import search_kernel
 from seq2seq.config import SearchConfig
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -287,7 +288,9 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
         if return_attention and attn is not None:  # still indexed by parent beam: [b, K, t, S]
             step_attn = attn.float().view(b, k, 1, -1)
             attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 2)
-        candidates = _top_candidates_thresholded(scores, log_probs, k)
+        candidates = search_kernel.top_candidates(scores, log_probs, k)  # the C kernel: float32 on the CPU
+        if candidates is None:
+            candidates = _top_candidates_thresholded(scores, log_probs, k)
         if candidates is None:
             candidates = _top_candidates(scores, log_probs, k)
         cand_scores, cand_beams, cand_tokens = candidates  # each [b, 2K]

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from seq2seq import search_kernel
 from seq2seq.batch import make_batch
 from seq2seq.config import ConfigError, SearchConfig
 from seq2seq.models.seq2seq import Seq2Seq
@@ -227,3 +228,63 @@ def test_block_candidates_step_aside_where_they_do_not_apply():
     assert _top_candidates_thresholded(scores, torch.zeros(10, 20), 5) is None  # no block width for 20
     scores[1, 1:] = float("-inf")  # 1 live beam x 2 blocks of 64 < 2K = 10 extensions to rank
     assert _top_candidates_thresholded(scores, torch.randn(10, 128).log_softmax(-1), 5) is None
+
+
+def ranking_with_ties(k: int, vocab: int, b: int = 7, seed: int = 0):
+    """Log-probabilities on a coarse grid (many equal totals), banned tokens, dead beams and one live beam."""
+    g = torch.Generator().manual_seed(seed)
+    log_probs = -torch.randint(0, 6, (b * k, vocab), generator=g).float() / 4
+    log_probs[:, PAD_ID] = log_probs[:, BOS_ID] = float("-inf")
+    log_probs[3, 5:40] = float("-inf")
+    scores = -torch.randint(0, 4, (b, k), generator=g).float() / 2
+    scores[2, 1:] = float("-inf")  # one live beam, as at the first step
+    scores[4, k - 1] = float("-inf") if k > 1 else scores[4, 0]
+    return scores, log_probs
+
+
+@pytest.mark.skipif(search_kernel.LIBRARY.get() is None, reason="the C kernel could not be built here")
+@pytest.mark.parametrize("k,vocab", [(5, 8000), (5, 1216), (1, 640), (3, 1000), (4, 50)])
+def test_candidate_kernel_equals_the_block_ranking_bit_for_bit(k, vocab):
+    """The C kernel against the ATen ranking (ties in (beam, token) order) where that applies, else against a full
+    top-k over every token (random scores: no ties), at vocabularies with and without a partial last block."""
+    scores, log_probs = ranking_with_ties(k, vocab)
+    got = search_kernel.top_candidates(scores, log_probs, k)
+    want = _top_candidates_thresholded(scores, log_probs, k)
+    if want is not None:
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    g = torch.Generator().manual_seed(k)
+    log_probs = torch.log_softmax(torch.randn(9 * k, vocab, generator=g) * 3, -1)
+    log_probs[:, :3] = float("-inf")
+    scores = -torch.rand(9, k, generator=g) * 10
+    scores[2, 1:] = float("-inf")
+    log_probs[2 * k, 4:] = float("-inf")  # that beam: its EOS and the last 2K - 1 tokens only, in two blocks
+    log_probs[2 * k, -(2 * k - 1):] = torch.randn(2 * k - 1, generator=g)
+    got = search_kernel.top_candidates(scores, log_probs, k)
+    assert got is not None
+    for a, b in zip(got, _top_candidates(scores, log_probs, k)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(search_kernel.LIBRARY.get() is None, reason="the C kernel could not be built here")
+def test_candidate_kernel_steps_aside_where_it_does_not_apply():
+    scores, log_probs = ranking_with_ties(5, 300)
+    scores[1, 1:] = float("-inf")
+    log_probs[5, 4:] = float("-inf")  # one live beam with 2 finite tokens: fewer than 2K extensions
+    assert search_kernel.top_candidates(scores, log_probs, 5) is None
+    assert search_kernel.top_candidates(scores.double(), log_probs.double(), 5) is None  # float32 only
+
+
+@pytest.mark.parametrize("stopping", ["bound", "early"])
+def test_beam_search_with_and_without_the_candidate_kernel_finds_the_same(stopping, monkeypatch):
+    model = make_model(attention="luong_concat", vocab=200, seed=3)
+    batch = random_sources(6, vocab=200, seed=4)
+    cfg = SearchConfig(beam_size=4, max_len_a=1.5, max_len_b=4, stopping=stopping)
+    calls = []
+    kernel = search_kernel.top_candidates
+    monkeypatch.setattr(search_kernel, "top_candidates", lambda *a: calls.append(1) or kernel(*a))
+    with_kernel = beam_search(model, batch.src, batch.src_len, cfg, n_best=3)
+    assert calls
+    monkeypatch.setattr(search_kernel, "top_candidates", lambda *a: None)
+    without = beam_search(model, batch.src, batch.src_len, cfg, n_best=3)
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in with_kernel] == \
+        [[(h.tokens, h.score) for h in hyps] for hyps in without]
