@@ -37,7 +37,7 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
 def cpu_has_bf16_products() -> bool:
     """Whether oneDNN multiplies bfloat16 matrices with this CPU's own instructions (x86: AVX-512, fastest
     with AMX; Arm: BF16). Without them (an AVX2-only CPU such as AMD EPYC Zen 3) bfloat16 products take
-    a fallback: 1-2 GFLOP/s against 68-83 in float32 on such a CPU (README)."""
+    a fallback: 1-2 GFLOP/s against 68-83 in float32 on such a CPU (docs/speed.md)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

@@ -155,8 +155,8 @@ class Translator:
         Each worker takes the next batch when it finishes one. Two workers of one thread each decoded test2016
         1.15-1.31x (greedy) and 1.01-1.21x (beam 5) as fast as one worker with both threads, with the same
         translations, beam 5 at up to 0.10 GiB more peak memory (AMD EPYC, 2 vCPUs; ``scripts/benchmark.py
-        --decode-workers 1,2``, README rounds H to J): much of a step is small work that one core does
-        without waiting for the other. The workers inherit the main thread's floating-point flags (flush
+        --decode-workers 1,2``, rounds H to J in docs/benchmark-history.md): much of a step is small work that one
+        core does without waiting for the other. The workers inherit the main thread's floating-point flags (flush
         denormals to zero, ``runtime.set_threads``) when they start."""
         if self.workers == 1 or len(groups) < 2:
             return map(function, groups)

@@ -6,7 +6,7 @@ the softmax and the context's batched product follow as more passes, and in trai
 is a batched outer product per step that ran at 1-5 GFLOP/s. The kernel (``csrc/additive_attention.c``) does
 each direction in one pass that keeps every element in registers, recomputes the tanh in the backward pass
 instead of saving it, and skips padding: less memory in training (no saved [B, S, A] tanh per step), faster
-training and decoding (README, Speed and scale).
+training and decoding (docs/speed.md).
 
 The C file is compiled on first use and loaded with ctypes (``clib.py``); without a compiler, on other devices
 and types, and where ``SEQ2SEQ_ADDITIVE_KERNEL=0``, the attention takes its ATen path (the same results, within
@@ -136,7 +136,7 @@ class StepGradients:
 
     Each step's own backward pass would write the keys' and the memory's gradients ([B, S, A] and [B, S, H])
     for autograd to add up, a pass over 8 MB per step for a Multi30k batch that cost more than the step's
-    arithmetic (README, Speed and scale). Here the steps take keys, v and memory through :class:`_Sink`, which
+    arithmetic (docs/speed.md). Here the steps take keys, v and memory through :class:`_Sink`, which
     autograd runs after every step's backward pass: a step's backward pass computes its query's gradient and
     keeps its scores' gradient [B, T, S], and the sink computes the keys', v's and memory's gradients of all
     steps in one kernel call, summing over the steps in registers. Results equal the per-step path's within

@@ -1,7 +1,7 @@
 """oneDNN's linear layer with its weight reordered once into oneDNN's own layout (the op that torch.compile's
 CPU backend uses). A plain float32 product re-packs its [out, in] weight at every call, which costs most
 where the weight is large and the rows are few: the output layer ([8,000 x 256] on Multi30k) in decoding
-steps (``output_logits``). The training loss's chunks gained too little from it to keep (README).
+steps (``output_logits``). The training loss's chunks gained too little from it to keep (docs/speed.md).
 """
 from __future__ import annotations
 
