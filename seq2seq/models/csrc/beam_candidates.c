@@ -3,7 +3,8 @@
  *
  * For each sentence: its W best extensions (beam score + token log-probability) over its K beams and V tokens,
  * best first, ties in (beam, token) order: the result of search._top_candidates_thresholded, bit for bit (the
- * totals are the same one float addition). Each beam's row is read in blocks of BLOCK tokens: one vectorised
+ * totals are the same one float addition), and where that does not apply (fewer than W blocks with a finite
+ * maximum) the same ranking over every finite extension. Each beam's row is read in blocks of BLOCK tokens: one vectorised
  * maximum per block, and only the blocks whose maximum reaches the sentence's W-th best block are searched.
  */
 #include <math.h>
@@ -103,7 +104,7 @@ int64_t beam_candidates(const float *log_probs, const float *scores, float *out_
                     if (!(block_total >= threshold && block_total > -INFINITY))
                         continue;
                     const int64_t end = (block + 1) * BLOCK < v ? (block + 1) * BLOCK : v;
-                    for (int64_t start = block * BLOCK; start < end; start += PART) {  /* parts below it skipped */
+                    for (int64_t start = block * BLOCK; start < end; start += PART) { /* parts below the threshold: skipped */
                         if (end - start >= PART && !(score + part_max(row + start) >= threshold))
                             continue;
                         for (int64_t t = start; t < start + PART && t < end; ++t) {
