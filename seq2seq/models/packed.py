@@ -34,7 +34,6 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
 
 
-
 def output_logits(output: torch.nn.Linear, cache, x: torch.Tensor, rows: int) -> torch.Tensor:
     """The output layer x [..., D] -> logits [..., V] from its weight reordered once for oneDNN and kept in
     ``cache`` (a ``weight_cache.DecodingWeights``) for about ``rows`` rows. A plain product re-packs the [V, D]
@@ -46,6 +45,7 @@ def output_logits(output: torch.nn.Linear, cache, x: torch.Tensor, rows: int) ->
     packed = cache.kept("packed output", (weight.device, *versions([weight])), lambda: pack_weight(weight, rows))
     logits = packed_linear(x.reshape(-1, x.size(-1)), packed, output.bias)  # [R, V]
     return logits.view(*x.shape[:-1], logits.size(-1))
+
 
 @dataclass
 class LinearRows:
