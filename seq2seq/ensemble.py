@@ -1,7 +1,7 @@
 """Ensembles: several models decoded as one, by averaging their next-token probabilities.
 
 :class:`Ensemble` keeps the step contract of :class:`~seq2seq.models.seq2seq.Seq2Seq` (``encode``,
-``init_state``, ``step``, ``select``), so greedy and beam search run it unchanged. Its ``step``
+``prepare_decoding``, ``init_state``, ``step``, ``select``), so greedy and beam search run it unchanged. Its ``step``
 returns log(mean_i p_i) = logsumexp_i(log_softmax_i) - log(n) as the "logits"; these are already
 normalized, so the log_softmax that search applies again leaves them as they are.
 
@@ -64,6 +64,9 @@ class Ensemble(nn.Module):
                allowed: Optional[torch.Tensor] = None) -> EnsembleEncoderOutput:
         """src [B, S], src_len [B] -> each member's encoder output (each cut to the shortlist ``vocab``)."""
         return EnsembleEncoderOutput(tuple(m.encode(src, src_len, vocab, allowed) for m in self.models))
+
+    def prepare_decoding(self, enc: EnsembleEncoderOutput) -> EnsembleEncoderOutput:
+        return EnsembleEncoderOutput(tuple(m.prepare_decoding(e) for m, e in zip(self.models, enc.parts)))
 
     def init_state(self, enc: EnsembleEncoderOutput) -> EnsembleState:
         return EnsembleState(tuple(m.init_state(e) for m, e in zip(self.models, enc.parts)))

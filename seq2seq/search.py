@@ -1,4 +1,5 @@
-"""Decoding over the model's step contract: ``encode``, ``init_state``, ``step`` and ``select``.
+"""Decoding over the model's step contract: ``encode``, ``init_state``, ``step`` and ``select``, and where a
+model has it, ``prepare_decoding`` (what only decoding steps need, added to the encoder output once per batch).
 
 A model only has to re-index its encoder output and decoder state along the batch (``select``);
 search keeps all bookkeeping in its own local variables. Finished sentences leave the batch.
@@ -110,6 +111,12 @@ def ban_tokens(log_probs: torch.Tensor, history: torch.Tensor, cfg: SearchConfig
 
 def _encode(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor],
             allowed: Optional[torch.Tensor] = None):
+    enc = _encode_batch(model, src, src_len, vocab, allowed)
+    return model.prepare_decoding(enc) if hasattr(model, "prepare_decoding") else enc
+
+
+def _encode_batch(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor],
+                  allowed: Optional[torch.Tensor]):
     if vocab is None:
         if allowed is not None:
             raise ValueError("allowed needs the batch's vocab (seq2seq.shortlist)")

@@ -168,3 +168,45 @@ def test_float32_decoding_looks_up_the_embedding_products_in_a_table_that_follow
     enc = model.encode(batch.src, batch.src_len)  # with gradients: no table, and the embedding gets its gradient
     model.step(tokens, model.init_state(enc), enc)[0].sum().backward()
     assert "embedding gates" not in decoder._decoding_cache and decoder.embedding.weight.grad[39].abs().sum() > 0
+
+
+@pytest.mark.parametrize("cell,attention,feeding,layers", [
+    ("gru", "bahdanau", True, 1), ("lstm", "bahdanau", False, 2), ("gru", "luong_concat", True, 1),
+    ("rnn", "luong_general", False, 2), ("lstm", "luong_dot", True, 1)])
+def test_float32_decoding_takes_the_contexts_products_over_the_memory(cell, attention, feeding, layers, monkeypatch):
+    """context_products: the memory multiplied once per batch by the weights that take the context; each step's
+    logits and attention equal the plain step's, also after a weight changes, and beam search finds the same."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(cell=cell, attention=attention, input_feeding=feeding, dec_layers=layers,
+                            enc_hidden_size=16 if attention == "luong_dot" else 24)
+    model = Seq2Seq(cfg, 30, 40).eval()
+    batch, _, _ = random_batch(30, [3, 7, 5], seed=1)
+
+    def steps():
+        enc = model.encode(batch.src, batch.src_len)
+        projected = model.prepare_decoding(enc)
+        plain_state, state, tokens = model.init_state(enc), model.init_state(projected), torch.tensor([2, 5, 39])
+        for _ in range(4):
+            plain_logits, plain_state, plain_attn = model.step(tokens, plain_state, enc)
+            logits, state, attn = model.step(tokens, state, projected)
+            torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(attn, plain_attn)
+            tokens = plain_logits.argmax(-1)
+        return projected.context_memory
+
+    with torch.no_grad():
+        gates = (4 if cell == "lstm" else 1 if cell == "rnn" else 3) * cfg.dec_hidden_size
+        width = cfg.dec_hidden_size + (gates if attention == "bahdanau" else 0)
+        assert steps().shape == (3, 7, width)
+        for parameter in (model.decoder.pre_output.weight, model.decoder.pre_output.bias, model.decoder.rnn.weight_ih_l0):
+            parameter.mul_(1.5)  # the weights prepared once follow a change
+            steps()
+    enc = model.encode(batch.src, batch.src_len)
+    assert model.prepare_decoding(enc).context_memory is None  # with gradients: the plain path
+    search_cfg = SearchConfig(beam_size=3, max_len_a=1.5, max_len_b=3)
+    projected = search(model, batch.src, batch.src_len, search_cfg, n_best=3)
+    monkeypatch.setattr(Seq2Seq, "prepare_decoding", lambda self, enc: enc)
+    plain = search(model, batch.src, batch.src_len, search_cfg, n_best=3)
+    assert [[h.tokens for h in hyps] for hyps in projected] == [[h.tokens for h in hyps] for hyps in plain]
+    for hyps_projected, hyps_plain in zip(projected, plain):
+        assert [h.score for h in hyps_projected] == pytest.approx([h.score for h in hyps_plain], abs=1e-4)

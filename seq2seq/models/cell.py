@@ -58,3 +58,20 @@ def rnn_cell_step(cell: str, weights: list, dropout: float, training: bool, emb_
 def _layers(states: list) -> torch.Tensor:
     """[B, D] per layer -> [L, B, D]; one layer's as a view (torch.stack copies even one tensor)."""
     return states[0][None] if len(states) == 1 else torch.stack(states)
+
+
+def cell_weight_list(rnn, skip: int, dtype: Optional[torch.dtype], float32_biases: bool = False) -> list:
+    """Per layer of ``rnn`` (nn.GRU / LSTM / RNN) its (w_ih, w_hh, b_ih, b_hh), layer 0's w_ih without its first
+    ``skip`` columns (contiguous), matrices (and, unless ``float32_biases``, biases) in ``dtype`` where given."""
+    weights = []
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
+                                  for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        if layer == 0:
+            w_ih = w_ih[:, skip:].contiguous()  # [G*D, inputs after the skipped ones]
+        if dtype is not None:
+            w_ih, w_hh = w_ih.to(dtype), w_hh.to(dtype)
+            if not float32_biases:
+                b_ih, b_hh = b_ih.to(dtype), b_hh.to(dtype)
+        weights.append((w_ih, w_hh, b_ih, b_hh))
+    return weights

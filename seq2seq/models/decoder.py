@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import ModelConfig
-from seq2seq.models import decoder_loop
 from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
-from seq2seq.models.cell import rnn_cell_step
+from seq2seq.models import context_products, decoder_loop
+from seq2seq.models.cell import cell_weight_list, rnn_cell_step
 from seq2seq.models.dropout import Dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn
 from seq2seq.models.output_loss import linear_cross_entropy
@@ -131,8 +131,7 @@ class Decoder(nn.Module):
         layers = self.cfg.dec_layers
         if final.size(0) >= layers:
             return final[-layers:].contiguous()
-        pad = final[-1:].expand(layers - final.size(0), -1, -1)
-        return torch.cat([final, pad], dim=0).contiguous()
+        return torch.cat([final, final[-1:].expand(layers - final.size(0), -1, -1)], dim=0).contiguous()
 
     # --- the step -----------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -189,7 +188,7 @@ class Decoder(nn.Module):
                 emb_gates: Optional[torch.Tensor] = None, cell_weights: Optional[list] = None):
         """One step. embedded [B, E] -> (pre-output [B, D], new state, attention [B, S] or None)."""
         output, context, state, attn = self.recur(embedded, state, enc, emb_gates, cell_weights)
-        pre_output = self.pre_output_of(output, embedded, context)
+        pre_output = self.pre_output_of(output, embedded, context, enc.context_memory is not None)
         if self.input_feeding:
             state = replace(state, feed=pre_output)
         return pre_output, state, attn
@@ -202,9 +201,10 @@ class Decoder(nn.Module):
         training runs this half step by step and the pre-output layer once over all positions.
         ``emb_gates`` [B, G*D] is the first RNN layer's input product with the embedding, when
         training has computed it for all positions at once (``embedding_products``), and
-        ``cell_weights`` the cell's weights, made once per sequence (``cell_weights``).
+        ``cell_weights`` the cell's weights, made once per sequence (``cell_weights``). With
+        ``enc.context_memory`` the context returned is its product with the pre-output layer (context_products).
         """
-        attn = None
+        attn, projected = None, enc.context_memory is not None
         if self.luong:
             extra = [state.feed] if self.input_feeding else []
         else:
@@ -215,6 +215,11 @@ class Decoder(nn.Module):
                 if context.size(0) != embedded.size(0):
                     context = context.repeat_interleave(embedded.size(0) // context.size(0), dim=0)
             extra = [context] + ([state.feed] if self.input_feeding else [])
+            if projected:  # layer 0's share of the context's products, then the pre-output's (context_products)
+                gate_share, context = context.split([context.size(-1) - self.cfg.dec_hidden_size,
+                                                     self.cfg.dec_hidden_size], dim=-1)
+                emb_gates = gate_share + (self.embedding_products(embedded) if emb_gates is None else emb_gates)
+                extra = extra[1:]
         if self.manual_cell:
             linear = self.linear if self.bf16_products else F.linear
             if self.decoding_bf16():  # layer 0's whole input product at once, in bfloat16
@@ -222,9 +227,10 @@ class Decoder(nn.Module):
                 extra = []
             elif emb_gates is None:
                 emb_gates = self.embedding_products(embedded)
+            weights = cell_weights or self.cell_weights(without_context=projected and not self.luong)
             output, hidden, cell = self._maybe_compiled("cell", rnn_cell_step)(
-                self.cfg.cell, cell_weights or self.cell_weights(), self.rnn.dropout, self.training, emb_gates, extra,
-                state.hidden, state.cell, linear)
+                self.cfg.cell, weights, self.rnn.dropout, self.training, emb_gates, extra, state.hidden, state.cell,
+                linear)
         else:  # e.g. a quantised RNN module: one step of it
             hx = (state.hidden, state.cell) if state.cell is not None else state.hidden
             output, new_hx = self.rnn(torch.cat([embedded] + extra, dim=-1)[:, None, :], hx)
@@ -237,21 +243,27 @@ class Decoder(nn.Module):
     def _attend(self, query: torch.Tensor, enc: EncoderOutput):
         """query [R, Q] -> (context [R, He], attention weights [R, S]). R is a multiple of the encoder's batch
         B: consecutive groups of R / B rows attend to one source sentence (beam search's hypotheses of a
-        sentence), so that the encoder output is neither copied per hypothesis nor read once per hypothesis."""
-        query = query.view(enc.memory.size(0), -1, query.size(-1))  # [B, R / B, Q]
+        sentence), so that the encoder output is neither copied per hypothesis nor read once per hypothesis.
+        With ``enc.context_memory`` [B, S, P] the context is its weighted sum: [R, P] (context_products)."""
+        memory = enc.memory if enc.context_memory is None else enc.context_memory
+        query = query.view(memory.size(0), -1, query.size(-1))  # [B, R / B, Q]
         if enc.attention_steps is not None:  # training's loop (AdditiveAttention.step_gradients)
-            context, attn = self.attention(query, enc.keys, enc.memory, enc.mask,
+            context, attn = self.attention(query, enc.keys, memory, enc.mask,
                                            linear=self.linear if self.bf16_products else None,
                                            steps=enc.attention_steps)
         elif self.bf16_products:
-            context, attn = self.attention(query, enc.keys, enc.memory, enc.mask, linear=self.linear)
+            context, attn = self.attention(query, enc.keys, memory, enc.mask, linear=self.linear)
         else:
-            context, attn = self._maybe_compiled("attention", self.attention)(query, enc.keys, enc.memory, enc.mask)
+            context, attn = self._maybe_compiled("attention", self.attention)(query, enc.keys, memory, enc.mask)
         return context.reshape(-1, context.size(-1)), attn.reshape(-1, attn.size(-1))
 
-    def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T])."""
+    def pre_output_of(self, output: torch.Tensor, embedded: torch.Tensor, context: torch.Tensor,
+                      projected: bool = False) -> torch.Tensor:
+        """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T]). ``projected``:
+        the context [B, D] is already W_c c + b (context_products), and W takes only [h] or [h; y]."""
         parts = [output, context] if self.luong else [output, embedded, context]
+        if projected:
+            return tanh_(torch.addmm(context, torch.cat(parts[:-1], dim=-1), context_products.other_columns(self)))
         if self.bf16_products:
             return tanh_(self.linear(torch.cat(parts, dim=-1), self.pre_output.weight, self.pre_output.bias))
         return tanh_(self.pre_output(torch.cat(parts, dim=-1)))
@@ -290,31 +302,20 @@ class Decoder(nn.Module):
         emb_size = embedded.size(-1)
         return self.linear(embedded, self.rnn.weight_ih_l0[:, :emb_size], self.rnn.bias_ih_l0)
 
-    def cell_weights(self) -> list:
+    def cell_weights(self, without_context: bool = False) -> list:
         """Per layer (w_ih, w_hh, b_ih, b_hh) for :func:`rnn_cell_step`: layer 0's w_ih is only its columns
-        for the inputs after the embedding, contiguous, and under autocast every weight (in training with
+        for the inputs after the embedding (``without_context``: after the context too, whose products
+        come from ``context_products``), contiguous, and under autocast every weight (in training with
         ``bf16_products`` every matrix) is already in its type, so that a loop over time steps slices and
         casts nothing. Training makes them once per batch; decoding keeps them (``_decoding_cache``)."""
         device = self.rnn.weight_hh_l0.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         if torch.is_grad_enabled():  # bf16_products: matrices in bfloat16, biases float32 (see ``linear``)
-            return self._make_cell_weights(torch.bfloat16 if self.bf16_products else dtype, self.bf16_products)
-        return self._decoding_cache.kept("cell", (dtype, *versions(self.rnn.parameters())),
-                                         lambda: self._make_cell_weights(dtype))
-
-    def _make_cell_weights(self, dtype: Optional[torch.dtype], float32_biases: bool = False) -> list:
-        rnn, weights = self.rnn, []
-        for layer in range(rnn.num_layers):
-            w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
-                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-            if layer == 0:
-                w_ih = w_ih[:, self.cfg.emb_size:].contiguous()  # [G*D, extra inputs]
-            if dtype is not None:
-                w_ih, w_hh = w_ih.to(dtype), w_hh.to(dtype)
-                if not float32_biases:
-                    b_ih, b_hh = b_ih.to(dtype), b_hh.to(dtype)
-            weights.append((w_ih, w_hh, b_ih, b_hh))
-        return weights
+            return cell_weight_list(self.rnn, self.cfg.emb_size, torch.bfloat16 if self.bf16_products else dtype,
+                                    self.bf16_products)
+        skip = self.cfg.emb_size + (self.cfg.enc_hidden_size if without_context else 0)
+        return self._decoding_cache.kept(("cell", skip), (dtype, *versions(self.rnn.parameters())),
+                                         lambda: cell_weight_list(self.rnn, skip, dtype))
 
     # --- whole sequences (teacher forcing) --------------------------------------------------------
     @property

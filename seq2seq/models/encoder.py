@@ -57,6 +57,8 @@ class EncoderOutput:
     # training's step-by-step decoder: the additive attention's keys, memory and mask with their gradients summed
     # over the steps at once (AdditiveAttention.step_gradients); a batch's own, so ``select`` drops it
     attention_steps: Optional[object] = None
+    # decoding: the memory's products with the weights that take the context (Decoder.prepare_decoding)
+    context_memory: Optional[torch.Tensor] = None  # [B, S, P]
 
     def select(self, index: torch.Tensor) -> "EncoderOutput":
         def pick(t: Optional[torch.Tensor], dim: int = 0) -> Optional[torch.Tensor]:
@@ -64,7 +66,7 @@ class EncoderOutput:
 
         return replace(self, memory=pick(self.memory), mask=pick(self.mask), final=pick(self.final, 1),
                        final_cell=pick(self.final_cell, 1), keys=pick(self.keys), context=pick(self.context),
-                       vocab_bias=pick(self.vocab_bias), attention_steps=None)
+                       vocab_bias=pick(self.vocab_bias), attention_steps=None, context_memory=pick(self.context_memory))
 
 
 class Encoder(nn.Module):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import ConfigError, ModelConfig
+from seq2seq.models import context_products
 from seq2seq.models.decoder import Decoder, DecoderState
 from seq2seq.models.encoder import Encoder, EncoderOutput
 from seq2seq.tokenizer import PAD_ID
@@ -34,6 +36,11 @@ class Seq2Seq(nn.Module):
         """src [B, S], src_len [B] -> encoder output with attention keys projected; ``vocab``: a shortlist
         of target ids [V'] the steps' logits are cut to, ``allowed`` [B, V'] (see ``Decoder.prepare``)."""
         return self.decoder.prepare(self.encoder(src, src_len), vocab, allowed)
+
+    def prepare_decoding(self, enc: EncoderOutput) -> EncoderOutput:
+        """What only decoding steps need, added to ``encode``'s output once per batch: the context's products
+        over the memory (models/context_products.py), where they apply."""
+        return replace(enc, context_memory=context_products.project(self.decoder, enc.memory))
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         return self.decoder.init_state(enc)
