@@ -198,7 +198,8 @@ def test_float32_decoding_takes_the_contexts_products_over_the_memory(cell, atte
         gates = (4 if cell == "lstm" else 1 if cell == "rnn" else 3) * cfg.dec_hidden_size
         width = cfg.dec_hidden_size + (gates if attention == "bahdanau" else 0)
         assert steps().shape == (3, 7, width)
-        for parameter in (model.decoder.pre_output.weight, model.decoder.pre_output.bias, model.decoder.rnn.weight_ih_l0):
+        decoder = model.decoder
+        for parameter in (decoder.pre_output.weight, decoder.pre_output.bias, decoder.rnn.weight_ih_l0):
             parameter.mul_(1.5)  # the weights prepared once follow a change
             steps()
     enc = model.encode(batch.src, batch.src_len)
@@ -210,3 +211,12 @@ def test_float32_decoding_takes_the_contexts_products_over_the_memory(cell, atte
     assert [[h.tokens for h in hyps] for hyps in projected] == [[h.tokens for h in hyps] for hyps in plain]
     for hyps_projected, hyps_plain in zip(projected, plain):
         assert [h.score for h in hyps_projected] == pytest.approx([h.score for h in hyps_plain], abs=1e-4)
+
+
+def test_packed_products_pad_a_shrinking_batch_to_a_few_row_counts():
+    from seq2seq.models.packed import padded_rows
+    padded = [padded_rows(rows) for rows in range(1, 641)]
+    assert all(rows <= p < rows * 1.25 + 8 and p % 8 == 0 for rows, p in zip(range(1, 641), padded))
+    assert [padded_rows(rows) for rows in (1, 8, 9, 64, 65, 80, 81, 129, 257, 320)] == [8, 8, 16, 64, 80, 80, 96,
+                                                                                          160, 320, 320]
+    assert len(set(padded[:320])) == 8 + 4 + 4 + 1  # beam 5 of a batch of 64: 17 shapes, not 40

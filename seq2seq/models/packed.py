@@ -18,7 +18,7 @@ from seq2seq.models.weight_cache import versions
 PACKED_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-PACK_ROW_MULTIPLE = 8  # rows padded to a multiple of this: oneDNN keeps a kernel (~1 MB) per row count
+PACK_ROW_MULTIPLE = 8  # the least multiple rows are padded to (``padded_rows``)
 
 
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -29,9 +29,21 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [R, I] @ weight.T + bias -> [R, O], from ``pack_weight(weight)``; no gradients flow through it."""
     rows = x.size(0)
-    if rows % PACK_ROW_MULTIPLE:
-        x = F.pad(x, (0, 0, 0, -rows % PACK_ROW_MULTIPLE))  # fewer shapes, fewer oneDNN kernels
+    if padded_rows(rows) != rows:
+        x = F.pad(x, (0, 0, 0, padded_rows(rows) - rows))
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a product of ``rows`` rows runs at: a multiple of 8 up to 64 rows, of 16 up to 128, of 32
+    up to 256 and so on (under a quarter more rows), so that a decoding's shrinking batch takes a few shapes.
+    oneDNN builds and keeps a kernel per row count, and every shape is another size of logits buffer:
+    beam 5 of test2016 over the whole vocabulary with two workers peaked at 447-464 MiB this way against
+    475-516 with multiples of 8 (three runs each), at 0.99-1.02x the speed (in-process A/Bs, docs/speed.md)."""
+    multiple = PACK_ROW_MULTIPLE
+    while rows > 8 * multiple:
+        multiple *= 2
+    return -(-rows // multiple) * multiple
 
 
 def output_logits(output: torch.nn.Linear, cache, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -40,7 +52,7 @@ def output_logits(output: torch.nn.Linear, cache, x: torch.Tensor, rows: int) ->
     weight at every call, which costs most at the few rows of a decoding step: greedy decoding of test2016 ran
     1.15x as fast this way (AMD EPYC, float32; beam 5, with its 5x the rows, the same), with equal output.
     oneDNN keeps a kernel per row count (~1 MB each): rows padded to a multiple of 8 kept beam 5's peak
-    memory as it was (unpadded: +78 MiB, greedy 1.22x)."""
+    memory as it was (unpadded: +78 MiB, greedy 1.22x); now they are padded as ``padded_rows`` says."""
     weight = output.weight
     packed = cache.kept("packed output", (weight.device, *versions([weight])), lambda: pack_weight(weight, rows))
     logits = packed_linear(x.reshape(-1, x.size(-1)), packed, output.bias)  # [R, V]
