@@ -151,10 +151,6 @@ class Decoder(nn.Module):
                 and pre_output.dtype == torch.float32 and type(self.output) is nn.Linear  # not int8-quantised
                 and not torch.is_autocast_enabled("cpu"))  # autocast would cast the op's weight to bfloat16
 
-    def decoding_bf16(self) -> bool:
-        """Decoding (no gradients) with ``bf16_products`` set: the step's products from cached bf16 weights."""
-        return self.bf16_products and not torch.is_grad_enabled()
-
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., I] @ weight [O, I].T + bias -> float32 [..., O]; F.linear, unless ``bf16_products`` is set.
 
@@ -222,7 +218,7 @@ class Decoder(nn.Module):
                 extra = extra[1:]
         if self.manual_cell:
             linear = self.linear if self.bf16_products else F.linear
-            if self.decoding_bf16():  # layer 0's whole input product at once, in bfloat16
+            if self.bf16_products and not torch.is_grad_enabled():  # decoding: layer 0's whole input product at once
                 emb_gates = linear(torch.cat([embedded] + extra, dim=-1), self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
                 extra = []
             elif emb_gates is None:
@@ -274,7 +270,9 @@ class Decoder(nn.Module):
         With a shortlist (``enc.vocab``), tokens and logits [R, V'] are positions in the batch's vocabulary."""
         if enc.vocab is not None:
             prev_tokens = enc.vocab[prev_tokens]
-        pre_output, state, attn = self.advance(self.embed(prev_tokens), state, enc, self._gates_of(prev_tokens))
+        gates = self._gates_of(prev_tokens)  # Luong's step then needs no embedding: the table holds its product
+        embedded = None if self.luong and gates is not None else self.embed(prev_tokens)
+        pre_output, state, attn = self.advance(embedded, state, enc, gates)
         if enc.output_rows is None:
             return self.project(pre_output), state, attn
         logits = enc.output_rows(self.dropout(pre_output))  # [R, V']
