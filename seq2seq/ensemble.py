@@ -1,8 +1,8 @@
 """Ensembles: several models decoded as one, by averaging their next-token probabilities.
 
 :class:`Ensemble` keeps the step contract of :class:`~seq2seq.models.seq2seq.Seq2Seq` (``encode``,
-``prepare_decoding``, ``init_state``, ``step``, ``select``), so greedy and beam search run it unchanged. Its ``step``
-returns log(mean_i p_i) = logsumexp_i(log_softmax_i) - log(n) as the "logits"; these are already
+``prepare_decoding``, ``init_state``, ``step``, ``select``), so greedy and beam search run it unchanged.
+Its ``step`` returns log(mean_i p_i) = logsumexp_i(log_softmax_i) - log(n) as the "logits"; these are already
 normalized, so the log_softmax that search applies again leaves them as they are.
 
 All members must share the source and the target sentencepiece models (compared byte for byte).

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.config import ModelConfig
-from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
 from seq2seq.models import context_products, decoder_loop
+from seq2seq.models.attention import AdditiveAttention, MultiplicativeAttention
 from seq2seq.models.cell import cell_weight_list, rnn_cell_step
 from seq2seq.models.dropout import Dropout
 from seq2seq.models.encoder import EncoderOutput, make_rnn

@@ -57,7 +57,7 @@ class EncoderOutput:
     # training's step-by-step decoder: the additive attention's keys, memory and mask with their gradients summed
     # over the steps at once (AdditiveAttention.step_gradients); a batch's own, so ``select`` drops it
     attention_steps: Optional[object] = None
-    # decoding: the memory's products with the weights that take the context (Decoder.prepare_decoding)
+    # decoding: the memory's products with the weights that take the context (models/context_products.py)
     context_memory: Optional[torch.Tensor] = None  # [B, S, P]
 
     def select(self, index: torch.Tensor) -> "EncoderOutput":
