@@ -29,8 +29,9 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [R, I] @ weight.T + bias -> [R, O], from ``pack_weight(weight)``; no gradients flow through it."""
     rows = x.size(0)
-    if padded_rows(rows) != rows:
-        x = F.pad(x, (0, 0, 0, padded_rows(rows) - rows))
+    padded = padded_rows(rows)
+    if padded != rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
 
 
