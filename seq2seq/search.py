@@ -111,22 +111,20 @@ def ban_tokens(log_probs: torch.Tensor, history: torch.Tensor, cfg: SearchConfig
 
 def _encode(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor],
             allowed: Optional[torch.Tensor] = None):
-    enc = _encode_batch(model, src, src_len, vocab, allowed)
-    return model.prepare_decoding(enc) if hasattr(model, "prepare_decoding") else enc
-
-
-def _encode_batch(model, src: torch.Tensor, src_len: torch.Tensor, vocab: Optional[torch.Tensor],
-                  allowed: Optional[torch.Tensor]):
     if vocab is None:
         if allowed is not None:
             raise ValueError("allowed needs the batch's vocab (seq2seq.shortlist)")
-        return model.encode(src, src_len)
-    specials = torch.arange(EOS_ID + 1)
-    if vocab.dim() != 1 or vocab.numel() <= EOS_ID or not torch.equal(vocab[: EOS_ID + 1].cpu(), specials):
-        raise ValueError("a shortlist vocabulary is a 1-D tensor of sorted ids that starts with the special ids 0-3")
-    if allowed is not None and (allowed.shape != (src.size(0), vocab.numel()) or not allowed[:, : EOS_ID + 1].all()):
-        raise ValueError("allowed is a [batch, len(vocab)] mask that allows the special ids 0-3")
-    return model.encode(src, src_len, vocab, allowed)
+        enc = model.encode(src, src_len)
+    else:
+        specials = torch.arange(EOS_ID + 1)
+        if vocab.dim() != 1 or vocab.numel() <= EOS_ID or not torch.equal(vocab[: EOS_ID + 1].cpu(), specials):
+            raise ValueError("a shortlist vocabulary is a 1-D tensor of sorted ids that starts with the special ids "
+                             "0-3")
+        if allowed is not None and (allowed.shape != (src.size(0), vocab.numel())
+                                    or not allowed[:, : EOS_ID + 1].all()):
+            raise ValueError("allowed is a [batch, len(vocab)] mask that allows the special ids 0-3")
+        enc = model.encode(src, src_len, vocab, allowed)
+    return model.prepare_decoding(enc) if hasattr(model, "prepare_decoding") else enc
 
 
 def _to_ids(found: list[list[Hypothesis]], vocab: Optional[torch.Tensor]) -> list[list[Hypothesis]]:

@@ -258,8 +258,9 @@ class Decoder(nn.Module):
         """Luong tanh(W [h; c]), otherwise tanh(W [h; y; c]); any leading shape ([B] or [B, T]). ``projected``:
         the context [B, D] is already W_c c + b (context_products), and W takes only [h] or [h; y]."""
         parts = [output, context] if self.luong else [output, embedded, context]
-        if projected:
-            return tanh_(torch.addmm(context, torch.cat(parts[:-1], dim=-1), context_products.other_columns(self)))
+        if projected:  # Luong's [h] is not copied
+            inputs = parts[0] if self.luong else torch.cat(parts[:-1], dim=-1)
+            return tanh_(torch.addmm(context, inputs, context_products.other_columns(self)))
         if self.bf16_products:
             return tanh_(self.linear(torch.cat(parts, dim=-1), self.pre_output.weight, self.pre_output.bias))
         return tanh_(self.pre_output(torch.cat(parts, dim=-1)))
