@@ -1,5 +1,6 @@
 """The CPU runtime set-up (seq2seq.runtime)."""
 import logging
+import os
 import subprocess
 import sys
 
@@ -42,6 +43,43 @@ def test_freed_tensors_are_reused_without_page_faults():
     # kept: at most a heap growth or two over the ten steps (one 10 MiB tensor is 2,560 pages; a CI run saw
     # 2,500), where the default maps every step's tensors afresh (20,000 and more)
     assert faults_kept <= 2 * 2560
+
+
+HEAPS = """
+import ctypes, os, sys, threading, torch
+from seq2seq.runtime import set_decoding_runtime
+set_decoding_runtime(2, int(sys.argv[1]))
+barrier = threading.Barrier(2)
+def work():  # both threads allocate at once, so that glibc would give the second its own heap
+    barrier.wait()
+    for _ in range(50):
+        torch.randn(256, 1024).sum()
+threads = [threading.Thread(target=work) for _ in range(2)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc = ctypes.CDLL(None)
+libc.fflush(None)
+libc.malloc_stats()  # to stderr: an "Arena N:" section per heap
+"""
+
+
+def heaps_used(workers: int) -> int:
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    err = subprocess.run([sys.executable, "-c", HEAPS, str(workers)], capture_output=True, text=True, check=True,
+                         env=env).stderr
+    return err.count("Arena ")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_decoding_workers_share_one_heap():
+    """With several workers, decoding threads allocate from glibc's one main heap (each heap keeps its freed
+    blocks, and a heap per worker held a batch's worth more at the peak); one worker leaves glibc's default."""
+    own = heaps_used(1)
+    if own < 2:
+        pytest.skip(f"this C library gave the threads {own} heap(s) by default")
+    assert heaps_used(2) == 1
 
 
 @pytest.mark.parametrize("precision,device,kept", [("fp32", "cpu", True), ("bf16", "cpu", False),
