@@ -177,7 +177,8 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--src", help="source file (with --ref)")
     parser.add_argument("--ref", help="reference file (with --src)")
     parser.add_argument("--split", help="a split of the model's data config, e.g. test (default: its test split)")
-    parser.add_argument("--data", help="a data config YAML to use instead of the model's (e.g. conf/data/multi30k.yaml)")
+    parser.add_argument("--data",
+                        help="a data config YAML to use instead of the model's (e.g. conf/data/multi30k.yaml)")
     parser.add_argument("--out", help="directory for hypotheses and report.json (default: MODEL/eval-SPLIT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

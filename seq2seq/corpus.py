@@ -35,7 +35,8 @@ VERBS = [
     ("watches", "watch", "beobachtet", "beobachten"), ("paints", "paint", "malt", "malen"),
     ("holds", "hold", "hält", "halten"),
 ]
-SAY_VERBS = [("says", "say", "sagt", "sagen"), ("thinks", "think", "denkt", "denken"), ("knows", "know", "weiß", "wissen")]
+SAY_VERBS = [("says", "say", "sagt", "sagen"), ("thinks", "think", "denkt", "denken"),
+             ("knows", "know", "weiß", "wissen")]
 PLACES = [
     ("in the garden", "im Garten"), ("in the park", "im Park"), ("on the street", "auf der Straße"),
     ("at the lake", "am See"), ("in the city", "in der Stadt"), ("near the school", "bei der Schule"),

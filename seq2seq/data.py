@@ -42,7 +42,8 @@ def read_lines(path: Path) -> list[str]:
 def read_text_pair(src_path: Path, tgt_path: Path) -> Pairs:
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
-        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: the sides must be line-aligned")
+        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+                        "the sides must be line-aligned")
     return list(zip(src, tgt))
 
 

@@ -220,7 +220,8 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
         progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_path, progress.step,
                  progress.epoch, progress.batch_in_epoch)
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled else model
+    net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled
+           else model)
     bundle = Bundle(model, cfg, src_tok, tgt_tok)
     manifest = build_manifest(cfg)
     if ctx.is_main:
@@ -289,8 +290,9 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
                 progress.skipped_steps += 1
                 if bad_in_a_row >= t.max_bad_steps:
                     raise TrainingError(
-                        f"the loss or gradient was NaN/inf for {bad_in_a_row} batches in a row at step {progress.step}; "
-                        f"the last good checkpoint is {checkpoint_path}; lower trainer.lr or set trainer.clip_grad_norm")
+                        f"the loss or gradient was NaN/inf for {bad_in_a_row} batches in a row at step "
+                        f"{progress.step}; the last good checkpoint is {checkpoint_path}; lower trainer.lr or set "
+                        "trainer.clip_grad_norm")
                 continue
             bad_in_a_row = 0
             if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -3,11 +3,10 @@ import json
 
 import pytest
 
-from seq2seq.config import DataConfig
+from seq2seq.config import DataConfig, TokenizerConfig
 from seq2seq.corpus import generate_splits
 from seq2seq.data import DataError, load_split, read_text_pair
 from seq2seq.tokenizer import Tokenizer, train_tokenizers
-from seq2seq.config import TokenizerConfig
 from tests.conftest import MULTI30K
 
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from seq2seq import tune as tune_module
-from seq2seq.average import average_checkpoints, main as average_main
+from seq2seq.average import average_checkpoints
+from seq2seq.average import main as average_main
 from seq2seq.batch import make_batch
 from seq2seq.checkpoint import ModelDirError, load_bundle, save_bundle
 from seq2seq.cli import evaluate_main, translate_main
@@ -21,7 +22,8 @@ from seq2seq.data import load_split
 from seq2seq.ensemble import Ensemble, load_ensemble
 from seq2seq.metrics import Score
 from seq2seq.models.seq2seq import Seq2Seq
-from seq2seq.scoring import main as score_main, token_log_probs
+from seq2seq.scoring import main as score_main
+from seq2seq.scoring import token_log_probs
 from seq2seq.search import max_lengths, search
 from seq2seq.shortlist import main as shortlist_main
 from seq2seq.tokenizer import BOS_ID, EOS_ID, train_tokenizer

@@ -67,7 +67,8 @@ def test_evaluate_scores_a_split_and_files(model_dir, tmp_path):
     ("translate.py", ["--model", "{model}", "--input", "/nonexistent.txt"], "error: /nonexistent.txt: input file"),
     ("evaluate.py", ["--model", "{model}", "--src", "/nonexistent.de", "--ref", "/x.en"], "file not found"),
     ("train.py", ["model.cell=transformer"], "error: model.cell='transformer' is not one of rnn, gru, lstm"),
-    ("train.py", ["data=multi30k", "data.path=/nonexistent", "data.hub_name=null"], "error: data.path=/nonexistent: directory not found and no data.hub_name"),
+    ("train.py", ["data=multi30k", "data.path=/nonexistent", "data.hub_name=null"],
+     "error: data.path=/nonexistent: directory not found and no data.hub_name"),
 ])
 def test_user_errors_are_one_line(model_dir, script, args, message):
     result = run(script, *[a.replace("{model}", str(model_dir)) for a in args], check=False)

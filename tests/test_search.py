@@ -9,11 +9,17 @@ from seq2seq import search_kernel
 from seq2seq.batch import make_batch
 from seq2seq.config import ConfigError, SearchConfig
 from seq2seq.models.seq2seq import Seq2Seq
-from seq2seq.search import (_top_candidates, _top_candidates_thresholded, beam_search, greedy_search,
-                            length_penalty, max_lengths, search)
+from seq2seq.search import (
+    _top_candidates,
+    _top_candidates_thresholded,
+    beam_search,
+    greedy_search,
+    length_penalty,
+    max_lengths,
+    search,
+)
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from tests.conftest import tiny_model_config
-
 
 # --- real, randomly initialised models ---------------------------------------------------------------
 VOCAB = 20

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from seq2seq.cli import one_line
 from seq2seq.config import ConfigError
-from seq2seq.translate import Translator
 from seq2seq.train import train
+from seq2seq.translate import Translator
 from tests.conftest import tiny_config
 
 
