@@ -273,29 +273,37 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
     keep = n_best  # finished hypotheses kept per sentence; the stopping rule waits for this many
     penalty = penalty_of(cfg)
     enc = _encode(model, src, src_len, vocab, allowed)
-    beams = torch.arange(batch, device=device).repeat_interleave(k)  # [B*K] sentence of each row
-    state = model.init_state(enc).select(beams)  # enc stays one row per sentence (see Decoder.step)
+    # The first step runs one row per sentence (its K beams would all be the same: only beam 0 is live), the
+    # later steps K; enc stays one row per sentence throughout (see Decoder.step)
+    state = model.init_state(enc)
     limits, lengths = max_lengths(src_len, cfg).tolist(), src_len.tolist()
     active = list(range(batch))  # original sentence of each of the b live sentences
     scores = torch.full((batch, k), NEG_INF, device=device)  # [b, K] raw beam scores
     scores[:, 0] = 0.0  # only beam 0 is live at first, so no hypothesis is found twice
     history = torch.zeros(batch, k, 0, dtype=torch.long, device=device)  # [b, K, t] tokens so far
     attn_history: Optional[torch.Tensor] = None  # [b, K, t, S] when attention is returned
-    prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)  # [b*K]
+    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)  # [b] at the first step, then [b*K]
     found: list[list[Hypothesis]] = [[] for _ in range(batch)]
     best_ended = [False] * batch  # per sentence: its best extension at some step ended in EOS (early stopping)
     t = 0
     while active:
-        logits, state, attn = model.step(prev, state, enc)  # logits [b*K, V], attn [b*K, S] or None
-        b = len(active)
-        log_probs = allowed_log_probs(logits)  # [b*K, V]
+        logits, state, attn = model.step(prev, state, enc)  # logits [b*K, V] ([b, V] at first), attn [b*K, S]
+        b, first = len(active), t == 0
+        log_probs = allowed_log_probs(logits)  # [b*K, V] ([b, V] at the first step)
         if has_constraints(cfg):
-            ban_tokens(log_probs, history.view(b * k, t), cfg)
+            ban_tokens(log_probs, history[:, 0] if first else history.view(b * k, t), cfg)
         t += 1
         if return_attention and attn is not None:  # still indexed by parent beam: [b, K, t, S]
-            step_attn = attn.float().view(b, k, 1, -1)
+            step_attn = attn.float().repeat_interleave(k, 0) if first else attn.float()
+            step_attn = step_attn.view(b, k, 1, -1)
             attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 2)
-        candidates = search_kernel.top_candidates(scores, log_probs, k)  # the C kernel: float32 on the CPU
+        candidates = None
+        if first:  # the 2K best tokens of each sentence's one row; where the kernel does not apply, its K rows
+            candidates = search_kernel.top_candidates(scores[:, :1], log_probs, 1, width=2 * k)
+            if candidates is None:
+                log_probs = log_probs.repeat_interleave(k, 0)  # [b*K, V]; beams 1..K-1 are dead (score -inf)
+        if candidates is None:
+            candidates = search_kernel.top_candidates(scores, log_probs, k)  # the C kernel: float32 on the CPU
         if candidates is None:
             candidates = _top_candidates_thresholded(scores, log_probs, k)
         if candidates is None:
@@ -319,10 +327,12 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
         live = _live_positions(cand_tokens, k)  # [b, K]
         scores, parents = cand_scores.gather(1, live), cand_beams.gather(1, live)  # [b, K]
         tokens = cand_tokens.gather(1, live)  # [b, K]
-        rows_flat = (torch.arange(b, device=device)[:, None] * k + parents).view(-1)  # [b*K] parent rows
+        rows_flat = (torch.arange(b, device=device)[:, None] * k + parents).view(-1)  # [b*K] parent beams' rows
         history = torch.cat([history.view(b * k, t - 1)[rows_flat].view(b, k, t - 1), tokens.unsqueeze(2)], 2)
         if attn_history is not None:
             attn_history = attn_history.view(b * k, t, -1)[rows_flat].view(b, k, t, -1)
+        if first:  # the state's rows: each sentence's one row, K times
+            rows_flat = torch.arange(b, device=device).repeat_interleave(k)
 
         if cfg.stopping == "early":
             for row in (cand_tokens[:, 0] == EOS_ID).nonzero().view(-1).tolist():

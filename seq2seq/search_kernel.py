@@ -31,11 +31,13 @@ class _Kernel:
 LIBRARY = clib.Library("beam_candidates.c", "SEQ2SEQ_SEARCH_KERNEL", "beam search's candidates", _Kernel)
 
 
-def top_candidates(scores: torch.Tensor, log_probs: torch.Tensor, k: int) -> Optional[tuple]:
-    """scores [b, K], log_probs [b*K, V] -> (scores [b, 2K], parent beams [b, 2K], tokens [b, 2K]), each sentence's
-    2K best extensions, best first, ties in (beam, token) order; None where the kernel does not apply (not float32
-    CPU tensors, not built) or a sentence has fewer than 2K extensions with a finite score."""
-    b, vocab, width = scores.size(0), log_probs.size(-1), 2 * k
+def top_candidates(scores: torch.Tensor, log_probs: torch.Tensor, k: int, width: Optional[int] = None
+                   ) -> Optional[tuple]:
+    """scores [b, K], log_probs [b*K, V] -> (scores [b, W], parent beams [b, W], tokens [b, W]), each sentence's
+    W best extensions (``width``, by default 2K), best first, ties in (beam, token) order; None where the kernel
+    does not apply (not float32 CPU tensors, not built) or a sentence has fewer than W extensions with a finite
+    score."""
+    b, vocab, width = scores.size(0), log_probs.size(-1), width or 2 * k
     if not LIBRARY.usable(scores, log_probs) or log_probs.shape != (b * k, vocab) or scores.shape != (b, k):
         return None
     log_probs, scores = log_probs.contiguous(), scores.contiguous()

@@ -287,10 +287,10 @@ def test_beam_search_with_and_without_the_candidate_kernel_finds_the_same(stoppi
     cfg = SearchConfig(beam_size=4, max_len_a=1.5, max_len_b=4, stopping=stopping)
     calls = []
     kernel = search_kernel.top_candidates
-    monkeypatch.setattr(search_kernel, "top_candidates", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(search_kernel, "top_candidates", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     with_kernel = beam_search(model, batch.src, batch.src_len, cfg, n_best=3)
     assert calls
-    monkeypatch.setattr(search_kernel, "top_candidates", lambda *a: None)
+    monkeypatch.setattr(search_kernel, "top_candidates", lambda *a, **kw: None)
     without = beam_search(model, batch.src, batch.src_len, cfg, n_best=3)
     assert [[(h.tokens, h.score) for h in hyps] for hyps in with_kernel] == \
         [[(h.tokens, h.score) for h in hyps] for hyps in without]

@@ -160,7 +160,7 @@ def test_finished_sentences_leave_the_batch():
                        SearchConfig(beam_size=2, max_len_a=0, max_len_b=10), n_best=2)
     assert_hyps(hyps[0], [([], 1.0)])
     assert_hyps(hyps[1], [([A, A], .4455), ([], .4)])
-    assert model.rows_per_step == [4, 2, 2]
+    assert model.rows_per_step == [2, 2, 2]  # the first step one row per sentence, then K for the one left
 
 
 def test_max_length_finishes_hypotheses_without_eos():
