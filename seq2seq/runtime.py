@@ -125,8 +125,9 @@ def share_one_heap() -> bool:
     its thread freed (:func:`keep_freed_memory`), so two decoding workers each held a batch's worth of freed
     blocks: beam 5 over the whole vocabulary on test2016 (batch 64, 2 workers) peaked at 429-489 MiB that way,
     401-426 with one heap, at the same speed (340-387 and 350-382 sent/s; six runs each, alternated;
-    docs/speed.md). A worker takes the heap's lock a few thousand times a second at most. Call before the threads start (glibc fixes the number of heaps once
-    it makes its ninth); returns whether it applied (glibc only; the environment's MALLOC_ARENA_MAX wins).
+    docs/speed.md). A worker takes the heap's lock a few thousand times a second at most. Call before the
+    threads start (glibc fixes the number of heaps once it makes its ninth); returns whether it applied (glibc
+    only; the environment's MALLOC_ARENA_MAX wins).
     """
     mallopt = _glibc_mallopt("MALLOC_ARENA_MAX")
     return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
