@@ -297,13 +297,13 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, cfg: SearchConf
             step_attn = attn.float().repeat_interleave(k, 0) if first else attn.float()
             step_attn = step_attn.view(b, k, 1, -1)
             attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 2)
-        candidates = None
-        if first:  # the 2K best tokens of each sentence's one row; where the kernel does not apply, its K rows
+        # the C kernel (float32 on the CPU); at the first step the 2K best tokens of each sentence's one row
+        if first:
             candidates = search_kernel.top_candidates(scores[:, :1], log_probs, 1, width=2 * k)
-            if candidates is None:
-                log_probs = log_probs.repeat_interleave(k, 0)  # [b*K, V]; beams 1..K-1 are dead (score -inf)
-        if candidates is None:
-            candidates = search_kernel.top_candidates(scores, log_probs, k)  # the C kernel: float32 on the CPU
+            if candidates is None:  # the paths below take K rows; beams 1..K-1 are dead (score -inf)
+                log_probs = log_probs.repeat_interleave(k, 0)  # [b*K, V]
+        else:
+            candidates = search_kernel.top_candidates(scores, log_probs, k)
         if candidates is None:
             candidates = _top_candidates_thresholded(scores, log_probs, k)
         if candidates is None:
