@@ -192,7 +192,7 @@ class TrainerConfig:
     plateau_factor: float = 0.5  # plateau: lr *= factor when validation BLEU stops rising
     plateau_patience: int = 2
     min_lr: float = 1e-6
-    batch_tokens: int = 4000  # target tokens per batch, padding included (sentences x longest target + 1)
+    batch_tokens: int = 4000  # target tokens per batch (per rank), padding included (sentences x longest target + 1)
     batch_multiple: int = 8  # a full batch holds a multiple of this many sentences (fewer tensor shapes)
     max_steps: int = 0  # 0 = no step limit
     max_epochs: int = 10

@@ -2,8 +2,11 @@
 
 ``torchrun --nproc_per_node N scripts/train.py ...`` starts N processes with RANK / WORLD_SIZE set.
 Each rank trains on its own shard of every epoch's batches; DDP averages the gradients, so the
-weights stay identical on every rank. Only rank 0 validates, logs and writes files; decisions that
-all ranks must share (stop early, stop for time, skip a batch) are agreed on collectively.
+weights stay identical on every rank, and each rank scales its loss so that the average is the gradient
+of the summed loss over all ranks' target tokens: N ranks at ``trainer.batch_tokens=B`` train the
+model one process would train on batches of N x B tokens (each step's N batches merged). Only rank 0
+validates, logs and writes files; decisions that all ranks must share (stop early, stop for time, skip
+a batch) are agreed on collectively.
 """
 from __future__ import annotations
 
@@ -74,6 +77,19 @@ def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def agree_on_batch(skip: bool, tokens: int, ctx: DistContext, device: torch.device) -> tuple[bool, int]:
+    """Whether any rank skips this step's batch, and the target tokens of all ranks' batches together.
+
+    One collective for both: the loop asks once per step, and a step's gradients must be normalised
+    by the tokens of every rank's batch, not each rank's own (their counts differ from batch to batch).
+    """
+    if not ctx.enabled:
+        return skip, tokens
+    tensor = torch.tensor([1.0 if skip else 0.0, float(tokens)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return bool(tensor[0].item() > 0), int(tensor[1].item())
 
 
 def barrier(ctx: DistContext) -> None:

@@ -27,7 +27,7 @@ class Progress:
 
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on, by all ranks together
     best_bleu: float = -1.0
     best_step: int = 0
     bad_validations: int = 0  # validations since BLEU last improved

@@ -26,7 +26,16 @@ from seq2seq.batch import make_batch, token_batches
 from seq2seq.checkpoint import Bundle, atomic_write_bytes, load_bundle, save_bundle
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import DataError, filter_by_length, load_split
-from seq2seq.distributed import DistContext, any_rank, barrier, broadcast, init_distributed, shard, shutdown
+from seq2seq.distributed import (
+    DistContext,
+    agree_on_batch,
+    any_rank,
+    barrier,
+    broadcast,
+    init_distributed,
+    shard,
+    shutdown,
+)
 from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
 from seq2seq.models.decoder import Decoder
@@ -142,10 +151,13 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
     try:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = training_loss(model, batch, t.teacher_forcing, t.label_smoothing)
-        if any_rank(not torch.isfinite(loss).item(), ctx, device):
+        skip, all_tokens = agree_on_batch(not torch.isfinite(loss).item(), batch.num_tgt_tokens, ctx, device)
+        if skip:
             log.warning("skipping a batch whose loss is %s", loss.item())
             return None
-        scaled = loss / batch.num_tgt_tokens
+        # DDP averages the ranks' gradients: dividing by the mean tokens per rank makes that average the
+        # gradient of the loss summed over all ranks' tokens, divided by their total (one process: its own)
+        scaled = loss / (all_tokens / ctx.world_size)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
     except torch.cuda.OutOfMemoryError:
         log.warning("out of GPU memory on a batch of %d sentences (%d target tokens): skipped",
@@ -279,11 +291,12 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
                disable=None if ctx.is_main else True)
     window_tokens, window_start, stop, bad_in_a_row = 0, time.monotonic(), False, 0
     while not stop and not out_of_budget():
-        batches = shard(token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch, t.batch_multiple),
-                        ctx)
-        for group in batches[progress.batch_in_epoch:]:
+        epoch_batches = token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch, t.batch_multiple)
+        # the position counts the epoch's batches that all ranks have taken together, so that a run resumed on
+        # another number of ranks goes on from there, neither repeating nor skipping a batch
+        for group in shard(epoch_batches[progress.batch_in_epoch:], ctx):
             batch = make_batch([train_src[i] for i in group], [train_tgt[i] for i in group]).to(device)
-            progress.batch_in_epoch += 1
+            progress.batch_in_epoch += ctx.world_size
             loss = train_step(net, batch, optimizer, t, ctx, device, scaler)
             if loss is None:  # skipped: not finite, or out of GPU memory
                 bad_in_a_row += 1

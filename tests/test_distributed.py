@@ -1,4 +1,6 @@
-"""DistributedDataParallel through torchrun: two CPU ranks on gloo keep identical weights at every step."""
+"""DistributedDataParallel through torchrun: two CPU ranks on gloo keep identical weights at every step, and
+train the model one process trains on the two ranks' batches merged."""
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import seq2seq.train
 from seq2seq.checkpoint import load_bundle
+from seq2seq.train import train
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +40,15 @@ def check(model, progress):
         weights = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(run_dir.parent / f"rank{dist.get_rank()}.safetensors"))
 
+import json
+import seq2seq.train
+
+def recording(src_ids, tgt_ids):  # the training batches this rank takes, in order
+    with open(run_dir.parent / f"batches{dist.get_rank()}.jsonl", "a") as f:
+        f.write(json.dumps([list(s) for s in src_ids]) + "\\n")
+    return made(src_ids, tgt_ids)
+
+made, seq2seq.train.make_batch = seq2seq.train.make_batch, recording
 train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=600)), run_dir, on_step=check)
 # train() has left the process group: gloo's threads must be gone before the interpreter shuts down
 tasks = Path("/proc/self/task")
@@ -45,7 +59,9 @@ with open(run_dir.parent / f"rank{os.environ['RANK']}.threads", "w") as f:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
-def test_two_ranks_keep_identical_weights_and_rank0_saves_a_plain_model(tmp_path):
+def test_two_ranks_train_like_one_process_save_a_plain_model_and_resume_on_one(tmp_path, monkeypatch):
+    """Identical weights on both ranks after every step; only rank 0 writes; the weights equal one process's on
+    the ranks' batches merged; resumed by one process, the run goes on from the epoch's next batch."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
@@ -65,3 +81,41 @@ def test_two_ranks_keep_identical_weights_and_rank0_saves_a_plain_model(tmp_path
     assert all(torch.equal(saved[k], rank1[k]) for k in rank1)
     load_bundle(tmp_path / "run" / "model")
     assert not list(tmp_path.glob("run/**/*rank1*"))  # only rank 0 writes into the run directory
+
+    # one process whose every step takes the two ranks' batches of that step as one batch: the same weights
+    # (up to rounding), though the ranks' batches hold different numbers of target tokens
+    def merged(batches, ctx):
+        return [batches[i] + batches[i + 1] for i in range(0, len(batches) // 2 * 2, 2)]
+
+    monkeypatch.setattr(seq2seq.train, "shard", merged)
+    train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=600)), tmp_path / "one")
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    worst = max(((one[k] - rank0[k]).abs().max() / rank0[k].abs().max()).item() for k in rank0)
+    assert worst < 1e-4, worst
+
+    # the two ranks' run resumed by one process goes on from the epoch's next batch: neither repeats nor skips one
+    monkeypatch.undo()
+    progress = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)["progress"]
+    seen = {"token_batches": [], "encode_pairs": [], "make_batch": []}
+
+    def spy(name, keep):
+        real = getattr(seq2seq.train, name)
+
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            seen[name].append(keep(args, result))
+            return result
+        monkeypatch.setattr(seq2seq.train, name, call)
+
+    spy("token_batches", lambda args, result: result)  # the epoch's batches, as lists of sentence indices
+    spy("encode_pairs", lambda args, result: result[0])  # the training sources the indices point to
+    spy("make_batch", lambda args, result: [list(s) for s in args[0]])
+    train(tiny_config(trainer=dict(max_steps=7, valid_every=3, batch_tokens=600)), tmp_path / "run")
+    train_src = seen["encode_pairs"][0]
+    epoch = [[list(train_src[i]) for i in group] for group in seen["token_batches"][0]]
+    taken = [json.loads(line) for rank in (0, 1)  # validation batches too, which are not the epoch's
+             for line in (tmp_path / f"batches{rank}.jsonl").read_text().splitlines()]
+    position = progress["batch_in_epoch"]
+    assert 0 < position < len(epoch)
+    assert sorted(map(str, (b for b in taken if b in epoch))) == sorted(map(str, epoch[:position]))
+    assert seen["make_batch"][0] == epoch[position]
