@@ -70,6 +70,15 @@ def broadcast(value: Any, ctx: DistContext) -> Any:
     return box[0]
 
 
+def gather_to_main(value: Any, ctx: DistContext) -> list:
+    """Every rank's ``value`` in rank order on rank 0 (an empty list on the others)."""
+    if not ctx.enabled:
+        return [value]
+    everyone = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(value, everyone, dst=0)
+    return everyone or []
+
+
 def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     if not ctx.enabled:

@@ -11,6 +11,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -36,7 +37,25 @@ class Progress:
     history: list = field(default_factory=list)
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress, scaler=None) -> None:
+def random_states() -> dict:
+    """This process's random generators (torch's CPU and CUDA ones, Python's) as a checkpoint stores them."""
+    return {"rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_python": json.dumps(random.getstate())}
+
+
+def set_random_states(state: dict) -> None:
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    version, internal, gauss = json.loads(state["rng_python"])
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress, scaler=None,
+                    other_ranks: Sequence[dict] = ()) -> None:
+    """Written by rank 0; ``other_ranks`` holds the random states of ranks 1, 2, ... under torchrun (their
+    dropout draws from their own generators, so a resumed run needs each rank's back)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -44,14 +63,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress,
         "scaler": scaler.state_dict() if scaler is not None else {},
         "progress": {k: v for k, v in vars(progress).items() if k != "history"},
         "history": json.dumps(progress.history),
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_python": json.dumps(random.getstate()),
+        **random_states(),
+        "rng_other_ranks": list(other_ranks),
     }
     atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Progress:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, rank: int = 0) -> Progress:
+    """Restore a checkpoint into the given objects; ``rank`` takes that rank's random state (ranks past those
+    that saved it, on resuming with more ranks, take rank 0's)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -63,11 +83,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Pro
     except Exception as err:  # a damaged file surfaces as many different torch errors
         raise ResumeError(f"{path}: cannot resume from this checkpoint ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
-    torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    version, internal, gauss = json.loads(state["rng_python"])
-    random.setstate((version, tuple(internal), gauss))
+    others = state.get("rng_other_ranks", [])
+    set_random_states(others[rank - 1] if 0 < rank <= len(others) else state)
     return Progress(**state["progress"], history=json.loads(state["history"]))
 
 

@@ -32,6 +32,7 @@ from seq2seq.distributed import (
     any_rank,
     barrier,
     broadcast,
+    gather_to_main,
     init_distributed,
     shard,
     shutdown,
@@ -40,7 +41,7 @@ from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
 from seq2seq.models.decoder import Decoder
 from seq2seq.models.seq2seq import Seq2Seq
-from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, save_checkpoint
+from seq2seq.resume import Progress, keep_step_weights, load_checkpoint, random_states, save_checkpoint
 from seq2seq.runtime import autocast_dtype, resolve_device, set_seed, set_training_runtime, warn_if_slow_bf16
 from seq2seq.tokenizer import Tokenizer, train_tokenizers
 from seq2seq.translate import Translator
@@ -148,20 +149,34 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
     device = device or batch.src.device
     amp_dtype = None if bf16_on_cpu(t.precision, device) else autocast_dtype(t.precision)
     optimizer.zero_grad(set_to_none=True)
+    loss = None
     try:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = training_loss(model, batch, t.teacher_forcing, t.label_smoothing)
-        skip, all_tokens = agree_on_batch(not torch.isfinite(loss).item(), batch.num_tgt_tokens, ctx, device)
-        if skip:
-            log.warning("skipping a batch whose loss is %s", loss.item())
-            return None
-        # DDP averages the ranks' gradients: dividing by the mean tokens per rank makes that average the
-        # gradient of the loss summed over all ranks' tokens, divided by their total (one process: its own)
-        scaled = loss / (all_tokens / ctx.world_size)
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # the other ranks hear of it below and skip the batch too
         log.warning("out of GPU memory on a batch of %d sentences (%d target tokens): skipped",
                     batch.src.size(0), batch.num_tgt_tokens)
+        torch.cuda.empty_cache()
+    bad = loss is None or not torch.isfinite(loss).item()
+    skip, all_tokens = agree_on_batch(bad, batch.num_tgt_tokens, ctx, device)
+    if skip:
+        if loss is not None and bad:
+            log.warning("skipping a batch whose loss is %s", loss.item())
+        elif not bad and ctx.is_main:
+            log.warning("skipping a batch: another rank ran out of memory or had a NaN/inf loss")
+        return None
+    # DDP averages the ranks' gradients: dividing by the mean tokens per rank makes that average the
+    # gradient of the loss summed over all ranks' tokens, divided by their total (one process: its own)
+    scaled = loss / (all_tokens / ctx.world_size)
+    try:
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    except torch.cuda.OutOfMemoryError:
+        if ctx.enabled:  # the other ranks wait in DDP's gradient all-reduce for this rank: stop them all
+            raise TrainingError(f"rank {ctx.rank} ran out of GPU memory in the backward pass of a batch of "
+                                f"{batch.num_tgt_tokens} target tokens; lower trainer.batch_tokens and resume "
+                                "(trainer.resume=true) from the last checkpoint") from None
+        log.warning("out of GPU memory in the backward pass of a batch of %d sentences (%d target tokens): "
+                    "skipped", batch.src.size(0), batch.num_tgt_tokens)
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         return None
@@ -222,6 +237,8 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
              len(train_pairs), cfg.data.max_len, len(valid_pairs))
 
     model = Seq2Seq(cfg.model, len(src_tok), len(tgt_tok)).to(device)
+    if ctx.rank > 0:  # the same initial weights on every rank, but each its own dropout masks (as nanoGPT)
+        set_seed(t.seed + ctx.rank)
     use_precision(model, t.precision, device)
     log.info("model: %s, %.2fM parameters", cfg.model.attention, sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -229,7 +246,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     model.decoder.compile_step = t.compile
     progress = Progress()
     if resuming:
-        progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
+        progress = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, rank=ctx.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_path, progress.step,
                  progress.epoch, progress.batch_in_epoch)
     net = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ctx.enabled
@@ -250,13 +267,14 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
 
     def validate() -> bool:
         """Rank 0 validates and saves; all ranks share its verdict. True when patience runs out."""
-        score, stop = validate_on_main() if ctx.is_main else (None, None)
+        other_ranks = gather_to_main(random_states(), ctx)[1:]  # for the checkpoint
+        score, stop = validate_on_main(other_ranks) if ctx.is_main else (None, None)
         score, stop = broadcast((score, stop), ctx)
         if not ctx.is_main and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(score)
         return stop
 
-    def validate_on_main() -> tuple[float, bool]:
+    def validate_on_main(other_ranks: list) -> tuple[float, bool]:
         """Score the validation split, keep the best model, checkpoint."""
         loss, tokens = validation_loss(model, valid_src, valid_tgt, t.batch_tokens, device)
         hyps = translate_pairs(bundle, valid_pairs, str(device), cfg.search.batch_size)
@@ -281,7 +299,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
         tqdm.write(f"step {progress.step}: valid loss {record['valid_loss']:.3f} ppl {record['valid_ppl']:.2f} "
                    f"BLEU {score.score:.2f}{' (best)' if improved else ''}")
         progress.elapsed = time.monotonic() - start_time
-        save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, scaler)
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, scaler, other_ranks)
         return score.score, bool(t.patience and progress.bad_validations >= t.patience)
 
     model.train()
@@ -326,9 +344,11 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
                 window_tokens, window_start = 0, now
             if progress.step % t.valid_every == 0:
                 stop = validate()
-            elif t.checkpoint_every and progress.step % t.checkpoint_every == 0 and ctx.is_main:
-                progress.elapsed = time.monotonic() - start_time
-                save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, scaler)
+            elif t.checkpoint_every and progress.step % t.checkpoint_every == 0:
+                other_ranks = gather_to_main(random_states(), ctx)[1:]
+                if ctx.is_main:
+                    progress.elapsed = time.monotonic() - start_time
+                    save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, scaler, other_ranks)
             if stop or out_of_budget():
                 break
         else:

@@ -58,17 +58,63 @@ with open(run_dir.parent / f"rank{os.environ['RANK']}.threads", "w") as f:
 """
 
 
+OOM_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from seq2seq.models.seq2seq import Seq2Seq
+from seq2seq.train import train
+from tests.conftest import tiny_config
+
+run_dir = Path(sys.argv[1])
+real_forward, calls = Seq2Seq.forward, []
+
+def forward(self, *args, **kwargs):  # rank 1 runs out of GPU memory (simulated) in its second training batch
+    if torch.is_grad_enabled() and dist.get_rank() == 1:
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real_forward(self, *args, **kwargs)
+
+def check(model, progress):
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, flat)
+    with open(run_dir.parent / f"rank{dist.get_rank()}.log", "a") as f:
+        f.write(f"{progress.step} {progress.skipped_steps} {torch.equal(everyone[0], everyone[1])}\\n")
+
+Seq2Seq.forward = forward
+train(tiny_config(trainer=dict(max_steps=3, valid_every=3, batch_tokens=600)), run_dir, on_step=check)
+"""
+
+# dropout draws from each rank's own generator; steps as the second argument
+DROPOUT_SCRIPT = """
+import sys
+from seq2seq.train import train
+from tests.conftest import tiny_config
+
+train(tiny_config(model=dict(dropout=0.3, emb_dropout=0.3),
+                  trainer=dict(max_steps=int(sys.argv[2]), valid_every=3, batch_tokens=600)), sys.argv[1])
+"""
+
+
+def run_two_ranks(script_text: str, tmp_path: Path, *args: str) -> None:
+    """torchrun with two CPU ranks on ``script_text``, given the run directory (tmp_path/run unless ``args``)."""
+    script = tmp_path / "rank.py"
+    script.write_text(script_text)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), *(args or [str(tmp_path / "run")])], cwd=ROOT, env=env,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-12000:]
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_two_ranks_train_like_one_process_save_a_plain_model_and_resume_on_one(tmp_path, monkeypatch):
     """Identical weights on both ranks after every step; only rank 0 writes; the weights equal one process's on
     the ranks' batches merged; resumed by one process, the run goes on from the epoch's next batch."""
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr.decode()[-12000:]
+    run_two_ranks(RANK_SCRIPT, tmp_path)
     for rank in (0, 1):
         lines = (tmp_path / f"rank{rank}.log").read_text().split()
         assert lines == [x for step in range(1, 7) for x in (str(step), "True")]
@@ -119,3 +165,26 @@ def test_two_ranks_train_like_one_process_save_a_plain_model_and_resume_on_one(t
     assert 0 < position < len(epoch)
     assert sorted(map(str, (b for b in taken if b in epoch))) == sorted(map(str, epoch[:position]))
     assert seen["make_batch"][0] == epoch[position]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_one_rank_out_of_memory_skips_the_batch_on_every_rank(tmp_path):
+    """The GPU out-of-memory path, driven on the CPU by raising the same exception on rank 1 only: without
+    telling rank 0, rank 0 would step alone (or wait for rank 1's gradients for ever)."""
+    run_two_ranks(OOM_SCRIPT, tmp_path)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.log").read_text().split("\n")[:3] == ["1 0 True", "2 1 True", "3 1 True"]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["skipped_steps"] == 1
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_two_ranks_with_dropout_resume_exactly(tmp_path):
+    """Stopped after three steps and resumed, two ranks reach an uninterrupted run's weights bit for bit: the
+    checkpoint holds every rank's random state, not rank 0's alone."""
+    run_two_ranks(DROPOUT_SCRIPT, tmp_path, str(tmp_path / "whole"), "6")
+    run_two_ranks(DROPOUT_SCRIPT, tmp_path, str(tmp_path / "stopped"), "3")
+    run_two_ranks(DROPOUT_SCRIPT, tmp_path, str(tmp_path / "stopped"), "6")
+    whole, resumed = (torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True)
+                      for run in ("whole", "stopped"))
+    assert resumed["progress"]["step"] == whole["progress"]["step"] == 6
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
