@@ -54,11 +54,14 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
 
 
 def shard(batches: list, ctx: DistContext) -> list:
-    """This rank's batches: every rank gets the same number, so the collective steps line up."""
+    """This rank's batches, one per rank in each round: every rank gets as many, so the collective steps line
+    up. Where the last round has fewer batches than ranks, the ranks left without one get None and take a
+    step that adds nothing (``train_step(counts=False)``), so that every batch is trained on once."""
     if not ctx.enabled:
         return batches
-    usable = len(batches) // ctx.world_size * ctx.world_size
-    return batches[:usable][ctx.rank::ctx.world_size]
+    rounds = -(-len(batches) // ctx.world_size)
+    mine = batches[ctx.rank::ctx.world_size]
+    return mine + [None] * (rounds - len(mine))
 
 
 def broadcast(value: Any, ctx: DistContext) -> Any:

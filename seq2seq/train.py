@@ -139,10 +139,12 @@ def use_precision(model: Seq2Seq, precision: str, device: torch.device) -> None:
 
 
 def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None,
-               scaler: Optional[torch.amp.GradScaler] = None) -> float | None:
+               scaler: Optional[torch.amp.GradScaler] = None, counts: bool = True) -> float | None:
     """Forward, backward, clip, update. Returns the summed loss, or None when the batch was skipped.
 
-    ``model`` may be wrapped in DistributedDataParallel; then every rank skips a batch together.
+    ``model`` may be wrapped in DistributedDataParallel; then every rank skips a batch together, and
+    ``counts=False`` makes this rank's batch add nothing to the step (its tokens and gradients count zero),
+    for a rank that has no batch of its own in an epoch's last round.
     ``trainer.precision`` bf16 / fp16 runs the forward pass under autocast (fp16 only on CUDA, with
     ``scaler``), except bf16 on the CPU: see :func:`use_precision`.
     """
@@ -158,7 +160,7 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
                     batch.src.size(0), batch.num_tgt_tokens)
         torch.cuda.empty_cache()
     bad = loss is None or not torch.isfinite(loss).item()
-    skip, all_tokens = agree_on_batch(bad, batch.num_tgt_tokens, ctx, device)
+    skip, all_tokens = agree_on_batch(bad, batch.num_tgt_tokens if counts else 0, ctx, device)
     if skip:
         if loss is not None and bad:
             log.warning("skipping a batch whose loss is %s", loss.item())
@@ -167,7 +169,7 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
         return None
     # DDP averages the ranks' gradients: dividing by the mean tokens per rank makes that average the
     # gradient of the loss summed over all ranks' tokens, divided by their total (one process: its own)
-    scaled = loss / (all_tokens / ctx.world_size)
+    scaled = (loss if counts else loss * 0.0) / (all_tokens / ctx.world_size)
     try:
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
     except torch.cuda.OutOfMemoryError:
@@ -312,10 +314,14 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
         epoch_batches = token_batches(src_lens, tgt_lens, t.batch_tokens, t.seed, progress.epoch, t.batch_multiple)
         # the position counts the epoch's batches that all ranks have taken together, so that a run resumed on
         # another number of ranks goes on from there, neither repeating nor skipping a batch
-        for group in shard(epoch_batches[progress.batch_in_epoch:], ctx):
-            batch = make_batch([train_src[i] for i in group], [train_tgt[i] for i in group]).to(device)
+        remaining = epoch_batches[progress.batch_in_epoch:]
+        batch = None
+        for group in shard(remaining, ctx):
+            if group is not None or batch is None:  # None: the epoch's last round has no batch for this rank,
+                chosen = remaining[0] if group is None else group  # which steps on its last one, counted zero
+                batch = make_batch([train_src[i] for i in chosen], [train_tgt[i] for i in chosen]).to(device)
             progress.batch_in_epoch += ctx.world_size
-            loss = train_step(net, batch, optimizer, t, ctx, device, scaler)
+            loss = train_step(net, batch, optimizer, t, ctx, device, scaler, counts=group is not None)
             if loss is None:  # skipped: not finite, or out of GPU memory
                 bad_in_a_row += 1
                 progress.skipped_steps += 1
@@ -331,7 +337,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
             progress.step += 1
             if on_step is not None:
                 on_step(model, progress)
-            window_tokens += batch.num_tgt_tokens
+            window_tokens += batch.num_tgt_tokens if group is not None else 0
             bar.update(1)
             if progress.step % t.log_every == 0:
                 now = time.monotonic()

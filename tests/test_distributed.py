@@ -1,7 +1,9 @@
-"""DistributedDataParallel through torchrun: two CPU ranks on gloo keep identical weights at every step, and
-train the model one process trains on the two ranks' batches merged."""
+"""DistributedDataParallel through torchrun: two CPU ranks on gloo keep identical weights at every step, train
+the model one process trains on the two ranks' batches merged, take every batch of an epoch once, and resume
+on another number of ranks."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,13 @@ from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
-RANK_SCRIPT = """
+# 23 batches in the first epoch: its twelfth round has a batch for rank 0 only
+TRAINER = dict(max_steps=12, valid_every=3, batch_tokens=620)
+
+RANK_SCRIPT = f"""
+TRAINER = {TRAINER}
 import os
+import shutil
 import sys
 from pathlib import Path
 import torch
@@ -34,26 +41,28 @@ def check(model, progress):
     everyone = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, flat)
     same = all(torch.equal(everyone[0], other) for other in everyone[1:])
-    with open(run_dir.parent / f"rank{dist.get_rank()}.log", "a") as f:
-        f.write(f"{progress.step} {same}\\n")
-    if progress.step == 6:
-        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(run_dir.parent / f"rank{dist.get_rank()}.safetensors"))
+    with open(run_dir.parent / f"rank{{dist.get_rank()}}.log", "a") as f:
+        f.write(f"{{progress.step}} {{same}}\\n")
+    if progress.step == 10 and dist.get_rank() == 0:  # the checkpoint of step 9's validation
+        shutil.copy(run_dir / "checkpoint.pt", run_dir.parent / "step9.pt")
+    if progress.step == 12:
+        weights = {{k: v.contiguous() for k, v in model.state_dict().items()}}
+        save_file(weights, str(run_dir.parent / f"rank{{dist.get_rank()}}.safetensors"))
 
 import json
 import seq2seq.train
 
 def recording(src_ids, tgt_ids):  # the training batches this rank takes, in order
-    with open(run_dir.parent / f"batches{dist.get_rank()}.jsonl", "a") as f:
+    with open(run_dir.parent / f"batches{{dist.get_rank()}}.jsonl", "a") as f:
         f.write(json.dumps([list(s) for s in src_ids]) + "\\n")
     return made(src_ids, tgt_ids)
 
 made, seq2seq.train.make_batch = seq2seq.train.make_batch, recording
-train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=600)), run_dir, on_step=check)
+train(tiny_config(trainer=TRAINER), run_dir, on_step=check)
 # train() has left the process group: gloo's threads must be gone before the interpreter shuts down
 tasks = Path("/proc/self/task")
 names = [(task / "comm").read_text().strip() for task in tasks.iterdir()] if tasks.is_dir() else []
-with open(run_dir.parent / f"rank{os.environ['RANK']}.threads", "w") as f:
+with open(run_dir.parent / f"rank{{os.environ['RANK']}}.threads", "w") as f:
     f.write(" ".join(sorted(name for name in names if "gloo" in name)) or "none")
 """
 
@@ -111,13 +120,14 @@ def run_two_ranks(script_text: str, tmp_path: Path, *args: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
-def test_two_ranks_train_like_one_process_save_a_plain_model_and_resume_on_one(tmp_path, monkeypatch):
+def test_two_ranks_train_like_one_process_take_each_batch_once_and_resume_on_one(tmp_path, monkeypatch):
     """Identical weights on both ranks after every step; only rank 0 writes; the weights equal one process's on
-    the ranks' batches merged; resumed by one process, the run goes on from the epoch's next batch."""
+    the ranks' batches merged; each batch of the epoch is taken once (the rank without a batch in the last
+    round adds nothing); resumed by one process, the run goes on from the epoch's next batch."""
     run_two_ranks(RANK_SCRIPT, tmp_path)
     for rank in (0, 1):
         lines = (tmp_path / f"rank{rank}.log").read_text().split()
-        assert lines == [x for step in range(1, 7) for x in (str(step), "True")]
+        assert lines == [x for step in range(1, 13) for x in (str(step), "True")]
         assert (tmp_path / f"rank{rank}.threads").read_text() == "none"
     from safetensors.torch import load_file
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -131,17 +141,18 @@ def test_two_ranks_train_like_one_process_save_a_plain_model_and_resume_on_one(t
     # one process whose every step takes the two ranks' batches of that step as one batch: the same weights
     # (up to rounding), though the ranks' batches hold different numbers of target tokens
     def merged(batches, ctx):
-        return [batches[i] + batches[i + 1] for i in range(0, len(batches) // 2 * 2, 2)]
+        return [sum(batches[i: i + 2], []) for i in range(0, len(batches), 2)]
 
     monkeypatch.setattr(seq2seq.train, "shard", merged)
-    train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=600)), tmp_path / "one")
+    train(tiny_config(trainer=TRAINER), tmp_path / "one")
     one = torch.load(tmp_path / "one" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     worst = max(((one[k] - rank0[k]).abs().max() / rank0[k].abs().max()).item() for k in rank0)
     assert worst < 1e-4, worst
 
-    # the two ranks' run resumed by one process goes on from the epoch's next batch: neither repeats nor skips one
+    # the two ranks' run resumed by one process from step 9 goes on from the epoch's next batch
     monkeypatch.undo()
-    progress = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)["progress"]
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.copy(tmp_path / "step9.pt", tmp_path / "resumed" / "checkpoint.pt")
     seen = {"token_batches": [], "encode_pairs": [], "make_batch": []}
 
     def spy(name, keep):
@@ -156,15 +167,16 @@ def test_two_ranks_train_like_one_process_save_a_plain_model_and_resume_on_one(t
     spy("token_batches", lambda args, result: result)  # the epoch's batches, as lists of sentence indices
     spy("encode_pairs", lambda args, result: result[0])  # the training sources the indices point to
     spy("make_batch", lambda args, result: [list(s) for s in args[0]])
-    train(tiny_config(trainer=dict(max_steps=7, valid_every=3, batch_tokens=600)), tmp_path / "run")
+    train(tiny_config(trainer=dict(TRAINER, max_steps=10)), tmp_path / "resumed")
     train_src = seen["encode_pairs"][0]
     epoch = [[list(train_src[i]) for i in group] for group in seen["token_batches"][0]]
-    taken = [json.loads(line) for rank in (0, 1)  # validation batches too, which are not the epoch's
-             for line in (tmp_path / f"batches{rank}.jsonl").read_text().splitlines()]
-    position = progress["batch_in_epoch"]
-    assert 0 < position < len(epoch)
-    assert sorted(map(str, (b for b in taken if b in epoch))) == sorted(map(str, epoch[:position]))
-    assert seen["make_batch"][0] == epoch[position]
+    assert len(epoch) == 23
+    taken = [[b for line in (tmp_path / f"batches{rank}.jsonl").read_text().splitlines()  # less validation's
+              if (b := json.loads(line)) in epoch] for rank in (0, 1)]
+    assert len(taken[0]) == 12 and len(taken[1]) == 11
+    assert sorted(map(str, taken[0] + taken[1])) == sorted(map(str, epoch))  # each batch once
+    assert sorted(map(str, taken[0][:9] + taken[1][:9])) == sorted(map(str, epoch[:18]))
+    assert seen["make_batch"][0] == epoch[18]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
