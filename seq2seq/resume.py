@@ -38,16 +38,21 @@ class Progress:
 
 
 def random_states() -> dict:
-    """This process's random generators (torch's CPU and CUDA ones, Python's) as a checkpoint stores them."""
+    """This process's random generators (torch's CPU and CUDA ones, Python's) as a checkpoint stores them.
+
+    CUDA's: the current device's only, and only where CUDA is in use. Reading every device's
+    (``get_rng_state_all``) made a CUDA context on every GPU, in every rank under torchrun, and on GPU 0 in
+    a CPU run on a machine with GPUs.
+    """
     return {"rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
             "rng_python": json.dumps(random.getstate())}
 
 
 def set_random_states(state: dict) -> None:
     torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if state["rng_cuda"] and torch.cuda.is_available():  # checkpoints before this held every device's, the
+        torch.cuda.set_rng_state(state["rng_cuda"][0])  # first being device 0's, which one process trained on
     version, internal, gauss = json.loads(state["rng_python"])
     random.setstate((version, tuple(internal), gauss))
 
