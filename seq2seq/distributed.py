@@ -104,6 +104,15 @@ def agree_on_batch(skip: bool, tokens: int, ctx: DistContext, device: torch.devi
     return bool(tensor[0].item() > 0), int(tensor[1].item())
 
 
+def total_over_ranks(count: int, ctx: DistContext, device: torch.device) -> int:
+    """The sum of every rank's ``count``."""
+    if not ctx.enabled:
+        return count
+    tensor = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return int(tensor.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

@@ -36,6 +36,7 @@ from seq2seq.distributed import (
     init_distributed,
     shard,
     shutdown,
+    total_over_ranks,
 )
 from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
@@ -340,6 +341,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
             window_tokens += batch.num_tgt_tokens if group is not None else 0
             bar.update(1)
             if progress.step % t.log_every == 0:
+                window_tokens = total_over_ranks(window_tokens, ctx, device)  # tokens/s of all ranks together
                 now = time.monotonic()
                 figures = dict(loss=f"{loss / batch.num_tgt_tokens:.3f}", epoch=progress.epoch,
                                tok_s=f"{window_tokens / max(now - window_start, 1e-9):.0f}",
