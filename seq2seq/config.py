@@ -194,6 +194,7 @@ class TrainerConfig:
     min_lr: float = 1e-6
     batch_tokens: int = 4000  # target tokens per batch (per rank), padding included (sentences x longest target + 1)
     batch_multiple: int = 8  # a full batch holds a multiple of this many sentences (fewer tensor shapes)
+    accumulate: int = 1  # batches per optimizer step (gradient accumulation): accumulate x batch_tokens a step
     max_steps: int = 0  # 0 = no step limit
     max_epochs: int = 10
     max_minutes: float = 0.0  # wall-clock budget for training; 0 = none
@@ -218,6 +219,7 @@ class TrainerConfig:
         _check_positive("trainer.lr", self.lr)
         _check_positive("trainer.batch_tokens", self.batch_tokens)
         _check_positive("trainer.batch_multiple", self.batch_multiple)
+        _check_positive("trainer.accumulate", self.accumulate)
         _check_positive("trainer.valid_every", self.valid_every)
         _check_positive("trainer.log_every", self.log_every)
         _check_positive("trainer.max_bad_steps", self.max_bad_steps)

@@ -10,19 +10,20 @@ The run directory ends up holding
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from seq2seq.batch import make_batch, token_batches
+from seq2seq.batch import Batch, make_batch, token_batches
 from seq2seq.checkpoint import Bundle, atomic_write_bytes, load_bundle, save_bundle
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import DataError, filter_by_length, load_split
@@ -139,50 +140,73 @@ def use_precision(model: Seq2Seq, precision: str, device: torch.device) -> None:
         warn_if_slow_bf16("trainer.precision=bf16")
 
 
-def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), device=None,
-               scaler: Optional[torch.amp.GradScaler] = None, counts: bool = True) -> float | None:
-    """Forward, backward, clip, update. Returns the summed loss, or None when the batch was skipped.
+def train_step(model, batches: Batch | Sequence[Batch], optimizer, t, ctx: DistContext = DistContext(), device=None,
+               scaler: Optional[torch.amp.GradScaler] = None, counted: Optional[Sequence[bool]] = None) -> float | None:
+    """Forward, backward, clip, update. Returns the summed loss, or None when the step was skipped.
 
-    ``model`` may be wrapped in DistributedDataParallel; then every rank skips a batch together, and
-    ``counts=False`` makes this rank's batch add nothing to the step (its tokens and gradients count zero),
-    for a rank that has no batch of its own in an epoch's last round.
+    ``batches``: one batch, or the step's micro-batches (``trainer.accumulate``), whose gradients add up
+    before the update: every loss is divided by the target tokens of all of them (on all ranks), so the
+    step equals one over the micro-batches merged. ``model`` may be wrapped in DistributedDataParallel;
+    then every rank skips a step together, and a micro-batch with ``counted`` False adds nothing (its
+    tokens and gradients count zero), for a rank that has no batch of its own in an epoch's last round.
     ``trainer.precision`` bf16 / fp16 runs the forward pass under autocast (fp16 only on CUDA, with
     ``scaler``), except bf16 on the CPU: see :func:`use_precision`.
     """
-    device = device or batch.src.device
+    batches = [batches] if isinstance(batches, Batch) else list(batches)
+    counted = [True] * len(batches) if counted is None else list(counted)
+    device = device or batches[0].src.device
     amp_dtype = None if bf16_on_cpu(t.precision, device) else autocast_dtype(t.precision)
     optimizer.zero_grad(set_to_none=True)
-    loss = None
-    try:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = training_loss(model, batch, t.teacher_forcing, t.label_smoothing)
-    except torch.cuda.OutOfMemoryError:  # the other ranks hear of it below and skip the batch too
-        log.warning("out of GPU memory on a batch of %d sentences (%d target tokens): skipped",
-                    batch.src.size(0), batch.num_tgt_tokens)
-        torch.cuda.empty_cache()
-    bad = loss is None or not torch.isfinite(loss).item()
-    skip, all_tokens = agree_on_batch(bad, batch.num_tgt_tokens if counts else 0, ctx, device)
-    if skip:
-        if loss is not None and bad:
-            log.warning("skipping a batch whose loss is %s", loss.item())
-        elif not bad and ctx.is_main:
-            log.warning("skipping a batch: another rank ran out of memory or had a NaN/inf loss")
-        return None
-    # DDP averages the ranks' gradients: dividing by the mean tokens per rank makes that average the
-    # gradient of the loss summed over all ranks' tokens, divided by their total (one process: its own)
-    scaled = (loss if counts else loss * 0.0) / (all_tokens / ctx.world_size)
-    try:
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    except torch.cuda.OutOfMemoryError:
-        if ctx.enabled:  # the other ranks wait in DDP's gradient all-reduce for this rank: stop them all
-            raise TrainingError(f"rank {ctx.rank} ran out of GPU memory in the backward pass of a batch of "
-                                f"{batch.num_tgt_tokens} target tokens; lower trainer.batch_tokens and resume "
-                                "(trainer.resume=true) from the last checkpoint") from None
-        log.warning("out of GPU memory in the backward pass of a batch of %d sentences (%d target tokens): "
-                    "skipped", batch.src.size(0), batch.num_tgt_tokens)
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        return None
+    tokens = sum(batch.num_tgt_tokens for batch, counts in zip(batches, counted) if counts)
+    # micro-batches before the last take their backward pass before the step's agreement: they need the
+    # tokens of all ranks first (one batch learns them in that agreement)
+    all_tokens = total_over_ranks(tokens, ctx, device) if len(batches) > 1 else None
+    total, bad = 0.0, False
+    for i, (batch, counts) in enumerate(zip(batches, counted)):
+        last = i == len(batches) - 1
+        # DDP adds the ranks' gradients up in the last micro-batch's backward pass only
+        with model.no_sync() if ctx.enabled and not last else contextlib.nullcontext():
+            loss = None
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = training_loss(model, batch, t.teacher_forcing, t.label_smoothing)
+            except torch.cuda.OutOfMemoryError:  # the other ranks hear of it below and skip the step too
+                log.warning("out of GPU memory on a batch of %d sentences (%d target tokens): skipped",
+                            batch.src.size(0), batch.num_tgt_tokens)
+                torch.cuda.empty_cache()
+            if loss is not None and not torch.isfinite(loss).item():
+                log.warning("skipping a batch whose loss is %s", loss.item())
+                loss = None
+            bad = bad or loss is None
+            if last:
+                skip, step_tokens = agree_on_batch(bad, tokens, ctx, device)
+                all_tokens = all_tokens or step_tokens
+                if skip:
+                    if not bad and ctx.is_main:
+                        log.warning("skipping a batch: another rank ran out of memory or had a NaN/inf loss")
+                    optimizer.zero_grad(set_to_none=True)
+                    return None
+            if bad:  # the step is skipped at its last micro-batch, on every rank together
+                continue
+            # DDP averages the ranks' gradients: dividing by the mean tokens per rank makes that average the
+            # gradient of the loss summed over all ranks' tokens, divided by their total (one process: its own)
+            scaled = (loss if counts else loss * 0.0) / (all_tokens / ctx.world_size)
+            try:
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            except torch.cuda.OutOfMemoryError:
+                if ctx.enabled and last:  # the other ranks wait in DDP's gradient all-reduce for this rank
+                    raise TrainingError(f"rank {ctx.rank} ran out of GPU memory in the backward pass of a batch of "
+                                        f"{batch.num_tgt_tokens} target tokens; lower trainer.batch_tokens and "
+                                        "resume (trainer.resume=true) from the last checkpoint") from None
+                log.warning("out of GPU memory in the backward pass of a batch of %d sentences (%d target tokens):"
+                            " skipped", batch.src.size(0), batch.num_tgt_tokens)
+                torch.cuda.empty_cache()
+                bad = True
+                if last:
+                    optimizer.zero_grad(set_to_none=True)
+                    return None
+                continue
+            total += loss.item() if counts else 0.0
     if scaler is not None:  # fp16: the scaler skips steps with inf gradients and lowers its scale
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm or float("inf"))
@@ -198,7 +222,7 @@ def train_step(model, batch, optimizer, t, ctx: DistContext = DistContext(), dev
     for module in model.modules():  # a fused optimizer step leaves the weights' versions as they were, so the
         if isinstance(module, Decoder):  # decoder's cast copies for decoding cannot tell that they are stale
             module.drop_cached_weights()
-    return loss.item()
+    return total
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -316,13 +340,20 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
         # the position counts the epoch's batches that all ranks have taken together, so that a run resumed on
         # another number of ranks goes on from there, neither repeating nor skipping a batch
         remaining = epoch_batches[progress.batch_in_epoch:]
-        batch = None
-        for group in shard(remaining, ctx):
-            if group is not None or batch is None:  # None: the epoch's last round has no batch for this rank,
-                chosen = remaining[0] if group is None else group  # which steps on its last one, counted zero
-                batch = make_batch([train_src[i] for i in chosen], [train_tgt[i] for i in chosen]).to(device)
-            progress.batch_in_epoch += ctx.world_size
-            loss = train_step(net, batch, optimizer, t, ctx, device, scaler, counts=group is not None)
+        rounds, batch = shard(remaining, ctx), None
+        for start in range(0, len(rounds), t.accumulate):  # a step takes t.accumulate rounds
+            groups, micro_batches = rounds[start: start + t.accumulate], []
+            for group in groups:
+                # None: the epoch's last round has no batch for this rank, which runs its previous batch again
+                # (or the epoch's next), counted zero
+                if group is not None or batch is None:
+                    chosen = remaining[0] if group is None else group
+                    batch = make_batch([train_src[i] for i in chosen], [train_tgt[i] for i in chosen]).to(device)
+                micro_batches.append(batch)
+            counted = [group is not None for group in groups]
+            step_tokens = sum(b.num_tgt_tokens for b, counts in zip(micro_batches, counted) if counts)
+            progress.batch_in_epoch += ctx.world_size * len(groups)
+            loss = train_step(net, micro_batches, optimizer, t, ctx, device, scaler, counted)
             if loss is None:  # skipped: not finite, or out of GPU memory
                 bad_in_a_row += 1
                 progress.skipped_steps += 1
@@ -338,12 +369,12 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
             progress.step += 1
             if on_step is not None:
                 on_step(model, progress)
-            window_tokens += batch.num_tgt_tokens if group is not None else 0
+            window_tokens += step_tokens
             bar.update(1)
             if progress.step % t.log_every == 0:
                 window_tokens = total_over_ranks(window_tokens, ctx, device)  # tokens/s of all ranks together
                 now = time.monotonic()
-                figures = dict(loss=f"{loss / batch.num_tgt_tokens:.3f}", epoch=progress.epoch,
+                figures = dict(loss=f"{loss / max(step_tokens, 1):.3f}", epoch=progress.epoch,
                                tok_s=f"{window_tokens / max(now - window_start, 1e-9):.0f}",
                                lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 bar.set_postfix(figures)

@@ -107,6 +107,23 @@ train(tiny_config(model=dict(dropout=0.3, emb_dropout=0.3),
                   trainer=dict(max_steps=int(sys.argv[2]), valid_every=3, batch_tokens=600)), sys.argv[1])
 """
 
+ACCUMULATE_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from seq2seq.train import train
+from tests.conftest import tiny_config
+
+def check(model, progress):  # the same weights on both ranks after every step
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(everyone, flat)
+    assert torch.equal(everyone[0], everyone[1]), progress.step
+
+train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=620, accumulate=2)), sys.argv[1],
+      on_step=check)
+"""
+
 
 def run_two_ranks(script_text: str, tmp_path: Path, *args: str) -> None:
     """torchrun with two CPU ranks on ``script_text``, given the run directory (tmp_path/run unless ``args``)."""
@@ -200,3 +217,18 @@ def test_two_ranks_with_dropout_resume_exactly(tmp_path):
                       for run in ("whole", "stopped"))
     assert resumed["progress"]["step"] == whole["progress"]["step"] == 6
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_two_ranks_accumulating_two_batches_train_as_their_four_merged(tmp_path, monkeypatch):
+    """trainer.accumulate=2 on two ranks: a step takes four of the epoch's 23 batches (the sixth three: rank 1
+    has none in the last round), and equals one process's step on the four merged."""
+    run_two_ranks(ACCUMULATE_SCRIPT, tmp_path)
+    monkeypatch.setattr(seq2seq.train, "shard",
+                        lambda batches, ctx: [sum(batches[i: i + 4], []) for i in range(0, len(batches), 4)])
+    train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=620)), tmp_path / "one")
+    ranks, one = (torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True)
+                  for run in ("run", "one"))
+    assert ranks["progress"]["batch_in_epoch"] == 24
+    worst = max(((a - one["model"][k]).abs().max() / a.abs().max()).item() for k, a in ranks["model"].items())
+    assert worst < 1e-4, worst

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import seq2seq.train
 from seq2seq.checkpoint import load_bundle
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.train import TrainingError, build_optimizer, train
@@ -108,3 +109,23 @@ def test_bf16_validation_sees_the_weights_after_a_fused_optimizer_step():
     model.decoder.bf16_products = False
     full, _ = validation_loss(model, src, tgt, 1000, torch.device("cpu"))
     assert half != full and abs(half - full) < 0.02 * full
+
+
+def merge_pairs(batches, ctx):
+    """In place of ``shard``: each two consecutive batches of the epoch as one."""
+    return [sum(batches[i: i + 2], []) for i in range(0, len(batches), 2)]
+
+
+def test_accumulated_batches_train_as_the_batches_merged(tmp_path, monkeypatch):
+    """trainer.accumulate=2 adds two batches' gradients before a step, each loss divided by the tokens of both:
+    the weights of a step on the two merged (to rounding). 23 batches an epoch: the twelfth step has one."""
+    trainer = dict(max_steps=12, valid_every=6, batch_tokens=620)
+    train(tiny_config(trainer=dict(trainer, accumulate=2)), tmp_path / "accumulated")
+    monkeypatch.setattr(seq2seq.train, "shard", merge_pairs)
+    train(tiny_config(trainer=trainer), tmp_path / "merged")
+    accumulated, merged = (torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True)
+                           for run in ("accumulated", "merged"))
+    assert accumulated["progress"]["batch_in_epoch"] == 23 and accumulated["progress"]["epoch"] == 0
+    worst = max(((a - merged["model"][k]).abs().max() / a.abs().max()).item()
+                for k, a in accumulated["model"].items())
+    assert worst < 1e-4, worst
