@@ -56,7 +56,7 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
 def shard(batches: list, ctx: DistContext) -> list:
     """This rank's batches, one per rank in each round: every rank gets as many, so the collective steps line
     up. Where the last round has fewer batches than ranks, the ranks left without one get None and take a
-    step that adds nothing (``train_step(counts=False)``), so that every batch is trained on once."""
+    step that adds nothing (``train_step``'s ``counted``), so that every batch is trained on once."""
     if not ctx.enabled:
         return batches
     rounds = -(-len(batches) // ctx.world_size)
