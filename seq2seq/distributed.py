@@ -73,13 +73,14 @@ def broadcast(value: Any, ctx: DistContext) -> Any:
     return box[0]
 
 
-def gather_to_main(value: Any, ctx: DistContext) -> list:
-    """Every rank's ``value`` in rank order on rank 0 (an empty list on the others)."""
+def gather_all(value: Any, ctx: DistContext) -> list:
+    """Every rank's ``value``, in rank order, on every rank (``all_gather_object``: ``gather_object`` has
+    not worked on NCCL in every torch version, and the values here are small)."""
     if not ctx.enabled:
         return [value]
-    everyone = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(value, everyone, dst=0)
-    return everyone or []
+    everyone = [None] * ctx.world_size
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:

@@ -33,7 +33,7 @@ from seq2seq.distributed import (
     any_rank,
     barrier,
     broadcast,
-    gather_to_main,
+    gather_all,
     init_distributed,
     shard,
     shutdown,
@@ -294,7 +294,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
 
     def validate() -> bool:
         """Rank 0 validates and saves; all ranks share its verdict. True when patience runs out."""
-        other_ranks = gather_to_main(random_states(), ctx)[1:]  # for the checkpoint
+        other_ranks = gather_all(random_states(), ctx)[1:]  # for the checkpoint
         score, stop = validate_on_main(other_ranks) if ctx.is_main else (None, None)
         score, stop = broadcast((score, stop), ctx)
         if not ctx.is_main and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -384,7 +384,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
             if progress.step % t.valid_every == 0:
                 stop = validate()
             elif t.checkpoint_every and progress.step % t.checkpoint_every == 0:
-                other_ranks = gather_to_main(random_states(), ctx)[1:]
+                other_ranks = gather_all(random_states(), ctx)[1:]
                 if ctx.is_main:
                     progress.elapsed = time.monotonic() - start_time
                     save_checkpoint(checkpoint_path, model, optimizer, scheduler, progress, scaler, other_ranks)

@@ -232,3 +232,28 @@ def test_two_ranks_accumulating_two_batches_train_as_their_four_merged(tmp_path,
     assert ranks["progress"]["batch_in_epoch"] == 24
     worst = max(((a - one["model"][k]).abs().max() / a.abs().max()).item() for k, a in ranks["model"].items())
     assert worst < 1e-4, worst
+
+
+MODEL_FILES = sorted((ROOT / "conf" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("options", [{}, dict(bridge="zeros"), dict(tie_embeddings=True), dict(input_feeding=False),
+                                     dict(enc_layers=2, dec_layers=2), dict(attention="none")])
+@pytest.mark.parametrize("model_file", MODEL_FILES, ids=[f.stem for f in MODEL_FILES])
+def test_every_parameter_gets_a_gradient(model_file, options):
+    """DistributedDataParallel (without find_unused_parameters) stops at the second step of a model with a
+    parameter that takes no part in the loss: no model config may have one."""
+    import yaml
+
+    from seq2seq.batch import make_batch
+    from seq2seq.models.seq2seq import Seq2Seq
+    from seq2seq.train import training_loss
+
+    values = {k: v for k, v in yaml.safe_load(model_file.read_text()).items() if k != "defaults"}
+    sizes = dict(emb_size=16, enc_hidden_size=16, dec_hidden_size=16, attention_size=16)
+    model = Seq2Seq(tiny_config(model={**values, **sizes, **options}).model, 30, 30).train()
+    generator = torch.Generator().manual_seed(0)
+    src = [torch.randint(4, 30, (n,), generator=generator).tolist() for n in (5, 7, 4)]
+    tgt = [torch.randint(4, 30, (n,), generator=generator).tolist() for n in (6, 4, 5)]
+    training_loss(model, make_batch(src, tgt)).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
