@@ -99,24 +99,27 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
     step_times, step_tokens, start, epoch = [], [], time.perf_counter(), 0
     flop_per_token = None
     while time.perf_counter() - start < seconds:
-        for group in token_batches([len(s) for s in src], [len(x) for x in tgt], t.batch_tokens, t.seed, epoch,
-                                   t.batch_multiple):
-            batch = make_batch([src[i] for i in group], [tgt[i] for i in group])
+        groups = token_batches([len(s) for s in src], [len(x) for x in tgt], t.batch_tokens, t.seed, epoch,
+                               t.batch_multiple)
+        for first in range(0, len(groups), t.accumulate):  # a step takes trainer.accumulate batches
+            batches = [make_batch([src[i] for i in group], [tgt[i] for i in group])
+                       for group in groups[first: first + t.accumulate]]
+            tokens = sum(batch.num_tgt_tokens for batch in batches)
             if flop_per_token is None:
                 # one step in eager mode, counted; with bfloat16's products off, as their rows are padded
                 # (decoder.ROW_MULTIPLE, the loss's chunks) and the padding is not the model's arithmetic
                 bf16_products, model.decoder.bf16_products = model.decoder.bf16_products, False
                 with FlopCounterMode(display=False) as counter:
                     model.decoder.compile_step = False
-                    train_step(model, batch.to(device), optimizer, t, scaler=scaler)
+                    train_step(model, [batch.to(device) for batch in batches], optimizer, t, scaler=scaler)
                     model.decoder.compile_step = t.compile
                 model.decoder.bf16_products = bf16_products
-                flop_per_token = counter.get_total_flops() / batch.num_tgt_tokens
+                flop_per_token = counter.get_total_flops() / tokens
                 continue
             step_start = time.perf_counter()  # the copy to the device counts, as in training
-            train_step(model, batch.to(device), optimizer, t, scaler=scaler)  # ends in .item(): synchronised
+            train_step(model, [batch.to(device) for batch in batches], optimizer, t, scaler=scaler)  # ends in .item()
             step_times.append(time.perf_counter() - step_start)
-            step_tokens.append(batch.num_tgt_tokens)
+            step_tokens.append(tokens)
             if time.perf_counter() - start >= seconds:
                 break
         epoch += 1

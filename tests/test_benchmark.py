@@ -22,6 +22,11 @@ def test_benchmark_reports_training_figures(tmp_path):
             assert result["fraction_of_matmul_rate"] < 1
     # the model's arithmetic, not bfloat16's padded rows: the same count in both precisions
     assert results["bf16"]["flop_per_token"] == results["fp32"]["flop_per_token"]
+    # trainer.accumulate=2: a step takes two batches (the tokens per step are counted over both)
+    out = tmp_path / "accumulate.json"
+    main(["--threads", "1", "--train-seconds", "3", "--out", str(out), *TINY, "trainer.accumulate=2"])
+    accumulated = json.loads(out.read_text())["tokens_per_step"]
+    assert 1.8 * results["fp32"]["tokens_per_step"] < accumulated < 2.2 * results["fp32"]["tokens_per_step"]
 
 
 PEER = {"toolkit": "onmt", "train": {"tgt_tok_per_s_median": 4000.0}, "train_time": {"peak_rss_mib": 1600.0},
