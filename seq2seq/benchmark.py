@@ -81,8 +81,9 @@ def _train_phase(overrides: list[str], seconds: float, threads: int, device: str
     from seq2seq.data import load_split
     from seq2seq.models.seq2seq import Seq2Seq
     from seq2seq.runtime import set_seed, set_training_runtime
+    from seq2seq.step import train_step, use_precision
     from seq2seq.tokenizer import train_tokenizers
-    from seq2seq.train import build_optimizer, encode_pairs, train_step, use_precision
+    from seq2seq.train import build_optimizer, encode_pairs
 
     cfg = compose(overrides)
     set_training_runtime(threads, cfg.trainer.precision, torch.device(device))

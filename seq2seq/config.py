@@ -178,7 +178,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # fp32 | bf16 | fp16: matrix products in 16 bits, the rest float32. On CUDA autocast of the forward pass;
     # fp16 needs CUDA and uses a gradient scaler. bf16 on the CPU (fast with AMX or AVX512-BF16): the
-    # decoder's products and output layer only, with no autocast (train.use_precision).
+    # decoder's products and output layer only, with no autocast (step.use_precision).
     precision: str = "fp32"
     compile: bool = False  # torch.compile the decoder step (attention, RNN cell); bf16 on the CPU stays eager
     seed: int = 42

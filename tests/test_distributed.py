@@ -247,7 +247,7 @@ def test_every_parameter_gets_a_gradient(model_file, options):
 
     from seq2seq.batch import make_batch
     from seq2seq.models.seq2seq import Seq2Seq
-    from seq2seq.train import training_loss
+    from seq2seq.step import training_loss
 
     values = {k: v for k, v in yaml.safe_load(model_file.read_text()).items() if k != "defaults"}
     sizes = dict(emb_size=16, enc_hidden_size=16, dec_hidden_size=16, attention_size=16)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import seq2seq.train as train_module
+import seq2seq.step as step_module
 from seq2seq.checkpoint import load_bundle, save_bundle
 from seq2seq.train import TrainingError, train
 from tests.conftest import tiny_config
@@ -25,7 +25,7 @@ def weights(run_dir):
 
 def nan_on(bad_calls, monkeypatch):
     """Make the training loss NaN on the given training calls (counted from 1; validation untouched)."""
-    real, calls = train_module.training_loss, []
+    real, calls = step_module.training_loss, []
 
     def flaky(*args, **kwargs):
         loss = real(*args, **kwargs)
@@ -34,7 +34,7 @@ def nan_on(bad_calls, monkeypatch):
         calls.append(1)
         return loss * float("nan") if bad_calls(len(calls)) else loss
 
-    monkeypatch.setattr(train_module, "training_loss", flaky)
+    monkeypatch.setattr(step_module, "training_loss", flaky)
 
 
 def test_a_few_nan_batches_are_skipped_and_counted(tmp_path, monkeypatch):

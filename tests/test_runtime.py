@@ -106,7 +106,7 @@ def test_bf16_warns_once_set_where_the_cpu_has_no_bf16_units(monkeypatch, caplog
     from seq2seq import runtime
     from seq2seq.checkpoint import Bundle
     from seq2seq.models.seq2seq import Seq2Seq
-    from seq2seq.train import use_precision
+    from seq2seq.step import use_precision
     from seq2seq.translate import Translator
     from tests.conftest import tiny_config
 

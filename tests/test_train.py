@@ -91,7 +91,8 @@ def test_bf16_validation_sees_the_weights_after_a_fused_optimizer_step():
     """A fused Adam step updates the weights without changing their versions: validation must not score
     the bfloat16 copies cast before it."""
     from seq2seq.batch import make_batch
-    from seq2seq.train import train_step, use_precision, validation_loss
+    from seq2seq.step import train_step, use_precision
+    from seq2seq.train import validation_loss
 
     cfg = tiny_config(trainer=dict(precision="bf16", lr=0.05))
     torch.manual_seed(5)
