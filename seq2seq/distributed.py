@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -83,35 +83,18 @@ def gather_all(value: Any, ctx: DistContext) -> list:
     return everyone
 
 
+def sum_over_ranks(values: Sequence[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Each of ``values`` summed over the ranks, in one all-reduce (on one process: the values themselves)."""
+    if not ctx.enabled:
+        return [float(value) for value in values]
+    tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
 def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
-    if not ctx.enabled:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def agree_on_batch(skip: bool, tokens: int, ctx: DistContext, device: torch.device) -> tuple[bool, int]:
-    """Whether any rank skips this step's batch, and the target tokens of all ranks' batches together.
-
-    One collective for both: the loop asks once per step, and a step's gradients must be normalised
-    by the tokens of every rank's batch, not each rank's own (their counts differ from batch to batch).
-    """
-    if not ctx.enabled:
-        return skip, tokens
-    tensor = torch.tensor([1.0 if skip else 0.0, float(tokens)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return bool(tensor[0].item() > 0), int(tensor[1].item())
-
-
-def total_over_ranks(count: int, ctx: DistContext, device: torch.device) -> int:
-    """The sum of every rank's ``count``."""
-    if not ctx.enabled:
-        return count
-    tensor = torch.tensor([float(count)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return int(tensor.item())
+    return sum_over_ranks([flag], ctx, device)[0] > 0
 
 
 def barrier(ctx: DistContext) -> None:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from seq2seq.batch import Batch
-from seq2seq.distributed import DistContext, agree_on_batch, total_over_ranks
+from seq2seq.distributed import DistContext, sum_over_ranks
 from seq2seq.models.decoder import Decoder
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.runtime import autocast_dtype, warn_if_slow_bf16
@@ -61,7 +61,7 @@ def train_step(model, batches: Batch | Sequence[Batch], optimizer, t, ctx: DistC
     tokens = sum(batch.num_tgt_tokens for batch, counts in zip(batches, counted) if counts)
     # micro-batches before the last take their backward pass before the step's agreement: they need the
     # tokens of all ranks first (one batch learns them in that agreement)
-    all_tokens = total_over_ranks(tokens, ctx, device) if len(batches) > 1 else None
+    all_tokens = sum_over_ranks([tokens], ctx, device)[0] if len(batches) > 1 else None
     total, bad = 0.0, False
     for i, (batch, counts) in enumerate(zip(batches, counted)):
         last = i == len(batches) - 1
@@ -80,9 +80,10 @@ def train_step(model, batches: Batch | Sequence[Batch], optimizer, t, ctx: DistC
                 loss = None
             bad = bad or loss is None
             if last:
-                skip, step_tokens = agree_on_batch(bad, tokens, ctx, device)
+                # one all-reduce: whether any rank skips the step, and the tokens of all ranks' batches
+                bad_ranks, step_tokens = sum_over_ranks([bad, tokens], ctx, device)
                 all_tokens = all_tokens or step_tokens
-                if skip:
+                if bad_ranks > 0:
                     if not bad and ctx.is_main:
                         log.warning("skipping a batch: another rank ran out of memory or had a NaN/inf loss")
                     optimizer.zero_grad(set_to_none=True)

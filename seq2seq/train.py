@@ -34,7 +34,7 @@ from seq2seq.distributed import (
     init_distributed,
     shard,
     shutdown,
-    total_over_ranks,
+    sum_over_ranks,
 )
 from seq2seq.manifest import build_manifest
 from seq2seq.metrics import bleu, chrf
@@ -260,7 +260,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
             window_tokens += step_tokens
             bar.update(1)
             if progress.step % t.log_every == 0:
-                window_tokens = total_over_ranks(window_tokens, ctx, device)  # tokens/s of all ranks together
+                window_tokens = sum_over_ranks([window_tokens], ctx, device)[0]  # tokens/s of all ranks together
                 now = time.monotonic()
                 figures = dict(loss=f"{loss / max(step_tokens, 1):.3f}", epoch=progress.epoch,
                                tok_s=f"{window_tokens / max(now - window_start, 1e-9):.0f}",

@@ -36,6 +36,16 @@ def tiny_config(**sections) -> Config:
     return to_config(base)
 
 
+def same_weights_on_every_rank(model) -> bool:
+    """Under torchrun: whether every rank holds rank 0's weights (an all-gather of the flattened parameters)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, flat)
+    return all(torch.equal(everyone[0], other) for other in everyone[1:])
+
+
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()

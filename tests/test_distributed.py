@@ -32,15 +32,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from seq2seq.train import train
-from tests.conftest import tiny_config
+from tests.conftest import same_weights_on_every_rank, tiny_config
 
 run_dir = Path(sys.argv[1])
 
 def check(model, progress):
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    everyone = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, flat)
-    same = all(torch.equal(everyone[0], other) for other in everyone[1:])
+    same = same_weights_on_every_rank(model)
     with open(run_dir.parent / f"rank{{dist.get_rank()}}.log", "a") as f:
         f.write(f"{{progress.step}} {{same}}\\n")
     if progress.step == 10 and dist.get_rank() == 0:  # the checkpoint of step 9's validation
@@ -74,7 +71,7 @@ import torch
 import torch.distributed as dist
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.train import train
-from tests.conftest import tiny_config
+from tests.conftest import same_weights_on_every_rank, tiny_config
 
 run_dir = Path(sys.argv[1])
 real_forward, calls = Seq2Seq.forward, []
@@ -87,11 +84,8 @@ def forward(self, *args, **kwargs):  # rank 1 runs out of GPU memory (simulated)
     return real_forward(self, *args, **kwargs)
 
 def check(model, progress):
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    everyone = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, flat)
     with open(run_dir.parent / f"rank{dist.get_rank()}.log", "a") as f:
-        f.write(f"{progress.step} {progress.skipped_steps} {torch.equal(everyone[0], everyone[1])}\\n")
+        f.write(f"{progress.step} {progress.skipped_steps} {same_weights_on_every_rank(model)}\\n")
 
 Seq2Seq.forward = forward
 train(tiny_config(trainer=dict(max_steps=3, valid_every=3, batch_tokens=600)), run_dir, on_step=check)
@@ -109,16 +103,11 @@ train(tiny_config(model=dict(dropout=0.3, emb_dropout=0.3),
 
 ACCUMULATE_SCRIPT = """
 import sys
-import torch
-import torch.distributed as dist
 from seq2seq.train import train
-from tests.conftest import tiny_config
+from tests.conftest import same_weights_on_every_rank, tiny_config
 
 def check(model, progress):  # the same weights on both ranks after every step
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    everyone = [torch.zeros_like(flat) for _ in range(2)]
-    dist.all_gather(everyone, flat)
-    assert torch.equal(everyone[0], everyone[1]), progress.step
+    assert same_weights_on_every_rank(model), progress.step
 
 train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=620, accumulate=2)), sys.argv[1],
       on_step=check)
