@@ -209,6 +209,8 @@ class TrainerConfig:
     max_bad_steps: int = 5  # stop after this many NaN/inf batches in a row
     keep_checkpoints: int = 5  # weights kept in checkpoints/ after each validation: the last N and the best N
     test_after: bool = True  # translate and score the test split with the best model at the end
+    # torchrun: minutes a rank waits for the others in a collective (rank 0 validating and saving) before failing
+    rank_timeout_minutes: float = 60.0
 
     def validate(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -223,6 +225,7 @@ class TrainerConfig:
         _check_positive("trainer.valid_every", self.valid_every)
         _check_positive("trainer.log_every", self.log_every)
         _check_positive("trainer.max_bad_steps", self.max_bad_steps)
+        _check_positive("trainer.rank_timeout_minutes", self.rank_timeout_minutes)
         for name in ("max_steps", "max_epochs", "max_minutes", "clip_grad_norm", "patience", "weight_decay",
                      "warmup_steps", "threads", "keep_checkpoints", "checkpoint_every"):
             _check_positive(f"trainer.{name}", getattr(self, name), allow_zero=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -34,8 +35,12 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the process group when launched by torchrun; one process per GPU on CUDA, gloo on CPU."""
+def init_distributed(device: torch.device, timeout_minutes: float = 60.0) -> tuple[DistContext, torch.device]:
+    """Join the process group when launched by torchrun; one process per GPU on CUDA, gloo on CPU.
+
+    ``timeout_minutes``: how long a rank waits in a collective before the run fails. The other ranks wait
+    while rank 0 validates and saves, which on a large validation set outlasts NCCL's own default of 10
+    minutes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(), device
@@ -49,7 +54,8 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
         # running into interpreter shutdown, where one that drops a tensor aborts the process now and
         # then ("terminate called without an active exception"). Imported first, the group is freed.
         importlib.import_module("torch._dynamo")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes))
     return ctx, device
 
 

@@ -121,7 +121,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     every rank calls this; rank 0's ``run_dir`` is used by all.
     """
     t = cfg.trainer
-    ctx, device = init_distributed(resolve_device(t.device))
+    ctx, device = init_distributed(resolve_device(t.device), t.rank_timeout_minutes)
     run_dir = Path(broadcast(str(run_dir), ctx))
     run_dir.mkdir(parents=True, exist_ok=True)
     if not ctx.is_main:

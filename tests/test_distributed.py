@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,20 @@ def test_every_parameter_gets_a_gradient(model_file, options):
     tgt = [torch.randint(4, 30, (n,), generator=generator).tolist() for n in (6, 4, 5)]
     training_loss(model, make_batch(src, tgt)).backward()
     assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_ranks_wait_for_each_other_as_long_as_the_config_says(tmp_path, monkeypatch):
+    """trainer.rank_timeout_minutes reaches the process group: rank 0's validation outlasts NCCL's default."""
+    class Joined(Exception):
+        pass
+
+    def init_process_group(backend, **kwargs):
+        raise Joined(backend, kwargs)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Joined) as joined:
+        train(tiny_config(trainer=dict(max_steps=1, device="cpu", rank_timeout_minutes=90)), tmp_path / "run")
+    assert joined.value.args == ("gloo", dict(timeout=timedelta(minutes=90)))
