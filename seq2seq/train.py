@@ -27,6 +27,7 @@ from seq2seq.checkpoint import Bundle, atomic_write_bytes, load_bundle, save_bun
 from seq2seq.config import Config, ConfigError
 from seq2seq.data import DataError, filter_by_length, load_split
 from seq2seq.distributed import (
+    DistContext,
     any_rank,
     barrier,
     broadcast,
@@ -52,11 +53,10 @@ log = logging.getLogger(__name__)
 def prepare_tokenizers(cfg: Config, train_pairs, run_dir: Path) -> tuple[Tokenizer, Tokenizer]:
     """Train sentencepiece on the training split, or reuse the run's own when resuming."""
     tok_dir = run_dir / "tokenizer"
-    if (tok_dir / "spm.model").is_file():
-        joint = Tokenizer.load(tok_dir / "spm.model")
-        return joint, joint
-    if (tok_dir / "src.spm.model").is_file():
-        return Tokenizer.load(tok_dir / "src.spm.model"), Tokenizer.load(tok_dir / "tgt.spm.model")
+    saved = saved_tokenizer_paths(run_dir)
+    if saved:
+        tokenizers = [Tokenizer.load(path) for path in saved]
+        return tokenizers[0], tokenizers[-1]
     src_tok, tgt_tok = train_tokenizers(train_pairs, cfg.data.tokenizer)
     if src_tok is tgt_tok:
         atomic_write_bytes(tok_dir / "spm.model", src_tok.model_proto)
@@ -64,6 +64,25 @@ def prepare_tokenizers(cfg: Config, train_pairs, run_dir: Path) -> tuple[Tokeniz
         atomic_write_bytes(tok_dir / "src.spm.model", src_tok.model_proto)
         atomic_write_bytes(tok_dir / "tgt.spm.model", tgt_tok.model_proto)
     return src_tok, tgt_tok
+
+
+def saved_tokenizer_paths(run_dir: Path) -> list[Path]:
+    """The run's saved tokenizer: [joint model] or [source model, target model]; [] where there is none."""
+    tok_dir = run_dir / "tokenizer"
+    for names in (["spm.model"], ["src.spm.model", "tgt.spm.model"]):
+        if all((tok_dir / name).is_file() for name in names):
+            return [tok_dir / name for name in names]
+    return []
+
+
+def check_shared_run_dir(run_dir: Path, resuming: bool, ctx: DistContext, device: torch.device) -> None:
+    """Under torchrun every rank reads rank 0's tokenizer, and its checkpoint when resuming, from the run
+    directory: a rank that cannot see them would train a tokenizer of its own, or start afresh while the others
+    resume. Every rank stops with the error instead (before the first collective of training)."""
+    sees = bool(saved_tokenizer_paths(run_dir)) and (not resuming or (run_dir / "checkpoint.pt").is_file())
+    if ctx.enabled and any_rank(not sees, ctx, device):
+        raise TrainingError(f"not every rank sees rank 0's run directory {run_dir}: under torchrun on several "
+                            "machines, hydra.run.dir must be on a filesystem that all of them share")
 
 
 def encode_pairs(pairs, src_tok: Tokenizer, tgt_tok: Tokenizer, max_len: int):
@@ -127,7 +146,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     if not ctx.is_main:
         log.setLevel(logging.WARNING)
     checkpoint_path = run_dir / "checkpoint.pt"
-    resuming = checkpoint_path.is_file()
+    resuming = broadcast(checkpoint_path.is_file(), ctx)  # rank 0's run decides; check_shared_run_dir
     if t.resume and not resuming:
         raise TrainingError(f"trainer.resume=true but {checkpoint_path} does not exist; "
                             "point hydra.run.dir at the run to resume")
@@ -143,6 +162,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     if ctx.is_main:  # the other ranks read what rank 0 trained
         prepare_tokenizers(cfg, train_pairs, run_dir)
     barrier(ctx)
+    check_shared_run_dir(run_dir, resuming, ctx, device)
     src_tok, tgt_tok = prepare_tokenizers(cfg, train_pairs, run_dir)
     train_src, train_tgt = encode_pairs(train_pairs, src_tok, tgt_tok, cfg.data.max_len)
     if not train_src:

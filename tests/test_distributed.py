@@ -115,15 +115,32 @@ train(tiny_config(trainer=dict(max_steps=6, valid_every=3, batch_tokens=620, acc
 """
 
 
-def run_two_ranks(script_text: str, tmp_path: Path, *args: str) -> None:
-    """torchrun with two CPU ranks on ``script_text``, given the run directory (tmp_path/run unless ``args``)."""
+# each rank in a directory of its own, as on machines that do not share the run directory
+UNSHARED_SCRIPT = """
+import os
+import sys
+from pathlib import Path
+from seq2seq.train import train
+from tests.conftest import tiny_config
+
+work = Path(sys.argv[1]) / f"machine{os.environ['RANK']}"
+work.mkdir(parents=True)
+os.chdir(work)
+train(tiny_config(trainer=dict(max_steps=3, valid_every=3, batch_tokens=600)), "run")
+"""
+
+
+def run_two_ranks(script_text: str, tmp_path: Path, *args: str, succeed: bool = True) -> str:
+    """torchrun with two CPU ranks on ``script_text``, given the run directory (tmp_path/run unless ``args``);
+    returns its standard error, having checked that the run succeeded (or failed, with ``succeed`` False)."""
     script = tmp_path / "rank.py"
     script.write_text(script_text)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(script), *(args or [str(tmp_path / "run")])], cwd=ROOT, env=env,
                             capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode()[-12000:]
+    assert (result.returncode == 0) == succeed, result.stderr.decode()[-12000:]
+    return result.stderr.decode()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
@@ -264,3 +281,11 @@ def test_ranks_wait_for_each_other_as_long_as_the_config_says(tmp_path, monkeypa
     with pytest.raises(Joined) as joined:
         train(tiny_config(trainer=dict(max_steps=1, device="cpu", rank_timeout_minutes=90)), tmp_path / "run")
     assert joined.value.args == ("gloo", dict(timeout=timedelta(minutes=90)))
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_ranks_that_do_not_share_the_run_directory_stop_with_an_error(tmp_path):
+    """Rank 1 would train a tokenizer of its own (and start afresh when the others resume): both ranks stop."""
+    errors = run_two_ranks(UNSHARED_SCRIPT, tmp_path, str(tmp_path), succeed=False)
+    assert errors.count("not every rank sees rank 0's run directory run") == 2
+    assert not (tmp_path / "machine0" / "run" / "model").exists()
