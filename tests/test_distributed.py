@@ -126,7 +126,7 @@ from tests.conftest import tiny_config
 work = Path(sys.argv[1]) / f"machine{os.environ['RANK']}"
 work.mkdir(parents=True)
 os.chdir(work)
-train(tiny_config(trainer=dict(max_steps=3, valid_every=3, batch_tokens=600)), "run")
+train(tiny_config(trainer=dict(max_steps=int(sys.argv[2]), valid_every=3, batch_tokens=600)), "run")
 """
 
 
@@ -286,6 +286,17 @@ def test_ranks_wait_for_each_other_as_long_as_the_config_says(tmp_path, monkeypa
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_ranks_that_do_not_share_the_run_directory_stop_with_an_error(tmp_path):
     """Rank 1 would train a tokenizer of its own (and start afresh when the others resume): both ranks stop."""
-    errors = run_two_ranks(UNSHARED_SCRIPT, tmp_path, str(tmp_path), succeed=False)
+    errors = run_two_ranks(UNSHARED_SCRIPT, tmp_path, str(tmp_path), "3", succeed=False)
     assert errors.count("not every rank sees rank 0's run directory run") == 2
     assert not (tmp_path / "machine0" / "run" / "model").exists()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_ranks_that_do_not_see_the_checkpoint_to_resume_stop_with_an_error(tmp_path):
+    """Rank 1 sees the tokenizer but not rank 0's checkpoint: it would start afresh while rank 0 resumed."""
+    train(tiny_config(trainer=dict(max_steps=3, valid_every=3, batch_tokens=600)), tmp_path / "machine0" / "run")
+    shutil.copytree(tmp_path / "machine0" / "run" / "tokenizer", tmp_path / "machine1" / "run" / "tokenizer")
+    errors = run_two_ranks(UNSHARED_SCRIPT.replace("work.mkdir(parents=True)", ""), tmp_path, str(tmp_path), "6",
+                           succeed=False)
+    assert errors.count("not every rank sees rank 0's run directory run") == 2
+    assert load_bundle(tmp_path / "machine0" / "run" / "model").config.trainer.max_steps == 3  # not trained on
