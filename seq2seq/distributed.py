@@ -35,7 +35,7 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device, timeout_minutes: float = 60.0) -> tuple[DistContext, torch.device]:
+def init_distributed(device: torch.device, timeout_minutes: float) -> tuple[DistContext, torch.device]:
     """Join the process group when launched by torchrun; one process per GPU on CUDA, gloo on CPU.
 
     ``timeout_minutes``: how long a rank waits in a collective before the run fails. The other ranks wait

@@ -75,11 +75,11 @@ def saved_tokenizer_paths(run_dir: Path) -> list[Path]:
     return []
 
 
-def check_shared_run_dir(run_dir: Path, resuming: bool, ctx: DistContext, device: torch.device) -> None:
-    """Under torchrun every rank reads rank 0's tokenizer, and its checkpoint when resuming, from the run
-    directory: a rank that cannot see them would train a tokenizer of its own, or start afresh while the others
-    resume. Every rank stops with the error instead (before the first collective of training)."""
-    sees = bool(saved_tokenizer_paths(run_dir)) and (not resuming or (run_dir / "checkpoint.pt").is_file())
+def check_shared_run_dir(run_dir: Path, resume_from: Optional[Path], ctx: DistContext, device: torch.device) -> None:
+    """Under torchrun every rank reads rank 0's tokenizer, and its checkpoint ``resume_from`` when resuming, from
+    the run directory: a rank that cannot see them would train a tokenizer of its own, or start afresh while the
+    others resume. Every rank stops with the error instead (before the first collective of training)."""
+    sees = bool(saved_tokenizer_paths(run_dir)) and (resume_from is None or resume_from.is_file())
     if ctx.enabled and any_rank(not sees, ctx, device):
         raise TrainingError(f"not every rank sees rank 0's run directory {run_dir}: under torchrun on several "
                             "machines, hydra.run.dir must be on a filesystem that all of them share")
@@ -146,7 +146,7 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     if not ctx.is_main:
         log.setLevel(logging.WARNING)
     checkpoint_path = run_dir / "checkpoint.pt"
-    resuming = broadcast(checkpoint_path.is_file(), ctx)  # rank 0's run decides; check_shared_run_dir
+    resuming = broadcast(checkpoint_path.is_file(), ctx)  # rank 0's view (check_shared_run_dir checks the others')
     if t.resume and not resuming:
         raise TrainingError(f"trainer.resume=true but {checkpoint_path} does not exist; "
                             "point hydra.run.dir at the run to resume")
@@ -159,11 +159,11 @@ def train(cfg: Config, run_dir: str | Path, on_step: Optional[Callable] = None) 
     valid_pairs = load_split(cfg.data, cfg.data.valid_split)
     if cfg.data.valid_max_sentences:
         valid_pairs = valid_pairs[: cfg.data.valid_max_sentences]
-    if ctx.is_main:  # the other ranks read what rank 0 trained
-        prepare_tokenizers(cfg, train_pairs, run_dir)
+    # the other ranks read what rank 0 trained (or reloaded)
+    tokenizers = prepare_tokenizers(cfg, train_pairs, run_dir) if ctx.is_main else None
     barrier(ctx)
-    check_shared_run_dir(run_dir, resuming, ctx, device)
-    src_tok, tgt_tok = prepare_tokenizers(cfg, train_pairs, run_dir)
+    check_shared_run_dir(run_dir, checkpoint_path if resuming else None, ctx, device)
+    src_tok, tgt_tok = tokenizers or prepare_tokenizers(cfg, train_pairs, run_dir)
     train_src, train_tgt = encode_pairs(train_pairs, src_tok, tgt_tok, cfg.data.max_len)
     if not train_src:
         raise DataError(f"no training pair is within data.max_len={cfg.data.max_len} pieces")
